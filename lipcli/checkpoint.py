@@ -1,0 +1,352 @@
+"""Checkpoints: one safetensors file holding the weights plus everything needed to rebuild and judge them.
+
+The safetensors header metadata (str -> str) carries:
+
+- ``format`` = ``"lipcli"``, ``format_version``, ``arch``, ``lipcli_version``, ``step``: plain strings;
+- ``model_config``, ``train_config``, ``metrics``, ``tokenizer``, ``spectral_norms`` and every ``extra``
+  key: strict JSON (non-finite floats are stored as ``null``);
+- ``method``, ``sigma_max``, ``optimizer``: copied from ``train_config`` for quick inspection (strings
+  as-is, anything else as JSON).
+
+``spectral_norms`` are the exact RMS->RMS norms of every 2-D parameter at save time: a record, never a
+certificate (certify recomputes them from the weights). Files are written atomically, so a crash or a
+full disk never destroys the previous checkpoint. Optimizer state for ``--resume`` lives next to the
+checkpoint in ``<checkpoint>.optim.pt`` and is read back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from .models import ARCHITECTURES, build_model, config_dict, config_from_dict
+from .spectral import rms_norm_exact
+
+FORMAT_VERSION = 1
+FORMAT = "lipcli"
+OPTIMIZER_SUFFIX = ".optim.pt"
+# Copied from train_config to the top level so `lipcli inspect` (or any safetensors viewer) shows them.
+QUICK_KEYS = ("method", "sigma_max", "optimizer")
+RESERVED_KEYS = frozenset(
+    {
+        "format",
+        "format_version",
+        "arch",
+        "model_config",
+        "train_config",
+        "metrics",
+        "step",
+        "lipcli_version",
+        "tokenizer",
+        "spectral_norms",
+        *QUICK_KEYS,
+    }
+)
+# Safetensors dtype codes a model may be cast to wholesale (a bf16 checkpoint loads as bf16).
+MODEL_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+FLOAT_CODES = {"F64", "F32", "BF16", "F16", "F8_E4M3", "F8_E5M2"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message is one line naming the file and what to do."""
+
+
+@dataclass
+class Checkpoint:
+    model: nn.Module  # in eval() mode, on the device given to load()
+    arch: str
+    model_config: dict
+    train_config: dict
+    metrics: dict
+    step: int
+    spectral_norms: dict[str, float]  # RMS->RMS norms recorded at save time; NaN where non-finite
+    tokenizer: dict | None
+    metadata: dict[str, str]
+    path: Path
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN/inf float replaced by None, so it encodes as strict JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def _to_json(value: Any) -> str:
+    return json.dumps(_finite(value), allow_nan=False)
+
+
+def _lipcli_version() -> str:
+    try:
+        return version("lipcli")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it and put it back.
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write through a temp file in the same directory, then rename over ``path`` (atomic on POSIX)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as f:
+        tmp = Path(f.name)
+    try:
+        write(tmp)
+        # NamedTemporaryFile creates 0600; give the checkpoint the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # the data must be on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _tensors_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors in their own dtype, none sharing storage (safetensors refuses sharing)."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()  # a tied or viewed tensor: give it its own storage
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+    return tensors
+
+
+def save(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    *,
+    train_config: dict | None = None,
+    metrics: dict | None = None,
+    step: int = 0,
+    tokenizer: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Atomically write ``model`` and its metadata to ``path`` (parent directories are created)."""
+    path = Path(path)
+    model = getattr(model, "_orig_mod", model)  # torch.compile wraps the model and prefixes its names
+    arch = getattr(model, "arch", None)
+    if arch is None or not hasattr(model, "config"):
+        raise ValueError(f"cannot save {type(model).__name__}: not a lipcli model (no arch/config)")
+    extra = extra or {}
+    clashes = sorted(RESERVED_KEYS & set(extra))
+    if clashes:
+        raise ValueError(f"extra metadata keys clash with reserved ones: {', '.join(clashes)}")
+    train_config = train_config or {}
+    norms = {name: float(rms_norm_exact(param)) for name, param in model.named_parameters() if param.dim() == 2}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "arch": arch,
+        "model_config": _to_json(config_dict(model)),
+        "train_config": _to_json(train_config),
+        "metrics": _to_json(metrics or {}),
+        "step": str(int(step)),
+        "lipcli_version": _lipcli_version(),
+        "tokenizer": _to_json(tokenizer),
+        "spectral_norms": _to_json(norms),
+    }
+    for key in QUICK_KEYS:
+        if key in train_config:
+            value = train_config[key]
+            metadata[key] = value if isinstance(value, str) else _to_json(value)
+    metadata.update({key: _to_json(value) for key, value in extra.items()})
+    tensors = _tensors_for_save(model)
+    return _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+
+
+def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
+    """Metadata and name -> (shape, dtype code) from the header alone; no tensor data is read."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            layout = {}
+            for name in f.keys():
+                tensor_slice = f.get_slice(name)
+                layout[name] = (list(tensor_slice.get_shape()), tensor_slice.get_dtype())
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {_one_line(exc)}"
+        ) from exc
+    return metadata, layout
+
+
+def _check_format(path: Path, metadata: dict[str, str]) -> None:
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a lipcli checkpoint (no lipcli metadata); convert it with `lipcli convert`")
+    raw = metadata.get("format_version", "")
+    try:
+        format_version = int(raw)
+    except ValueError:
+        raise CheckpointError(f"{path}: invalid format_version {raw!r} in metadata") from None
+    if format_version < 1:
+        raise CheckpointError(f"{path}: invalid format_version {raw!r} in metadata")
+    if format_version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: written by a newer lipcli (format_version {format_version}, this one reads "
+            f"<= {FORMAT_VERSION}); upgrade lipcli"
+        )
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The raw metadata of a lipcli checkpoint, reading only the file header."""
+    path = Path(path)
+    metadata, _ = _read_header(path)
+    _check_format(path, metadata)
+    return metadata
+
+
+_REQUIRED = object()
+
+
+def _json_object(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
+    """Decode JSON-object metadata field ``key``; ``default`` when absent (an error if _REQUIRED) or null."""
+    if key not in metadata:
+        if default is _REQUIRED:
+            raise CheckpointError(f"{path}: metadata field {key!r} is missing")
+        return default
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: metadata field {key!r} is not valid JSON ({exc})") from None
+    if value is None and default is None:
+        return None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: metadata field {key!r} is not a JSON object")
+    return value
+
+
+def _first_mismatch(
+    path: Path, layout: dict[str, tuple[list[int], str]], expected: dict[str, torch.Tensor]
+) -> str | None:
+    """A description of the first (in sorted name order) tensor the file and the config disagree on."""
+    problems = []
+    for name in sorted(set(layout) | set(expected)):
+        if name not in layout:
+            problems.append(f'missing tensor "{name}"')
+        elif name not in expected:
+            problems.append(f'unexpected tensor "{name}"')
+        elif (shape := layout[name][0]) != list(expected[name].shape):
+            problems.append(f'shape mismatch "{name}: file {shape} vs config {list(expected[name].shape)}"')
+    if not problems:
+        return None
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{path}: tensors do not match model_config: {problems[0]}{more}"
+
+
+def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild the model from a checkpoint's metadata and weights, in eval mode, on ``device``."""
+    path = Path(path)
+    metadata, layout = _read_header(path)
+    _check_format(path, metadata)
+    # Decode every metadata field before touching tensor data, so a bad file fails fast.
+    if "arch" not in metadata:
+        raise CheckpointError(f"{path}: metadata field 'arch' is missing")
+    arch = metadata["arch"]
+    if arch not in ARCHITECTURES:
+        raise CheckpointError(f"{path}: unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    model_config = _json_object(path, metadata, "model_config", _REQUIRED)
+    train_config = _json_object(path, metadata, "train_config", {})
+    metrics = _json_object(path, metadata, "metrics", {})
+    tokenizer = _json_object(path, metadata, "tokenizer", None)
+    norms = _json_object(path, metadata, "spectral_norms", {})
+    try:
+        step = int(metadata.get("step", "0"))
+        spectral_norms = {name: math.nan if v is None else float(v) for name, v in norms.items()}
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid step or spectral_norms metadata: {_one_line(exc)}") from exc
+    try:
+        model = build_model(arch, config_from_dict(arch, model_config))
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: bad model_config: {_one_line(exc)}") from exc
+    mismatch = _first_mismatch(path, layout, model.state_dict())
+    if mismatch:
+        raise CheckpointError(mismatch)
+    float_codes = {code for _, code in layout.values() if code in FLOAT_CODES}
+    if len(float_codes) == 1 and (code := float_codes.pop()) in MODEL_DTYPES:
+        model.to(MODEL_DTYPES[code])
+    try:
+        model.load_state_dict(safetensors.torch.load_file(path), strict=True)
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: could not load the weights: {_one_line(exc)}") from exc
+    return Checkpoint(
+        model=model.to(device).eval(),
+        arch=arch,
+        model_config=config_dict(model),
+        train_config=train_config,
+        metrics=metrics,
+        step=step,
+        spectral_norms=spectral_norms,
+        tokenizer=tokenizer,
+        metadata=metadata,
+        path=path,
+    )
+
+
+def optimizer_path(ckpt_path: str | os.PathLike[str]) -> Path:
+    """The optimizer-state file that belongs to a checkpoint: ``<checkpoint>.optim.pt``."""
+    ckpt_path = Path(ckpt_path)
+    return ckpt_path.with_name(ckpt_path.name + OPTIMIZER_SUFFIX)
+
+
+def save_optimizer(path: str | os.PathLike[str], optimizer_state: dict, extra: dict) -> Path:
+    """Atomically write the optimizer state (and ``extra``, e.g. RNG states) beside checkpoint ``path``.
+
+    Only tensors, numbers, strings, None and dicts/lists/tuples of them may appear: the file is read
+    back with ``weights_only=True``.
+    """
+    payload = {"format_version": FORMAT_VERSION, "optimizer": optimizer_state, "extra": extra}
+    return _atomic_write(optimizer_path(path), lambda tmp: torch.save(payload, tmp))
+
+
+def load_optimizer(path: str | os.PathLike[str]) -> dict:
+    """``{"optimizer": state_dict, "extra": dict}`` saved beside checkpoint ``path``, tensors on CPU."""
+    optim = optimizer_path(path)
+    if not optim.exists():
+        raise CheckpointError(
+            f"{optim}: no optimizer state beside the checkpoint; --resume needs the file training writes"
+        )
+    try:
+        payload = torch.load(optim, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{optim}: unreadable optimizer state: {_one_line(exc)}") from exc
+    if not (isinstance(payload, dict) and {"format_version", "optimizer", "extra"} <= set(payload)):
+        raise CheckpointError(f"{optim}: not a lipcli optimizer-state file")
+    format_version = payload["format_version"]
+    if not isinstance(format_version, int) or format_version > FORMAT_VERSION:
+        raise CheckpointError(f"{optim}: unsupported format_version {format_version!r}; upgrade lipcli")
+    return {"optimizer": payload["optimizer"], "extra": payload["extra"]}

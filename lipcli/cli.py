@@ -1,0 +1,224 @@
+"""The `lipcli` command line: parse options, call the library, render rich tables or one JSON object.
+
+Exit codes: 0 success; 1 the job ran but failed (diverged, interrupted, a --fail-above gate);
+2 bad input (unknown preset, unreadable file, invalid option values).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .presets import DEFAULT_PRESET, PresetError, apply_overrides, available, load_preset, parse_set_options
+
+app = typer.Typer(
+    help="Train transformers with enforced Lipschitz bounds, then certify, attack and profile them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+USER_ERRORS = (DataError, PresetError, CheckpointError, ValueError, FileNotFoundError)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _print_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(_finite(obj), allow_nan=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf are not JSON: carry them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+_D = load_preset(DEFAULT_PRESET).train
+
+
+@app.command()
+def train(
+    preset: Annotated[
+        str, typer.Option(help="Preset name (see `lipcli presets`) or path to a .toml file.")
+    ] = DEFAULT_PRESET,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            help="Weight constraint: none, wd, spec-wd, normalize, hammer, softcap, hardcap, svd "
+            f"[preset: {_D.method}]."
+        ),
+    ] = None,
+    sigma_max: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Cap on every weight matrix's RMS->RMS operator norm (the paper's w_max) [preset: {_D.sigma_max:g}]."
+        ),
+    ] = None,
+    optimizer: Annotated[str | None, typer.Option(help=f"muon or adamw [preset: {_D.optimizer}].")] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Peak learning rate [preset: {_D.lr:g}].")] = None,
+    wd: Annotated[float | None, typer.Option(help=f"Decoupled weight decay [preset: {_D.wd:g}].")] = None,
+    steps: Annotated[int | None, typer.Option(help=f"Optimizer steps [preset: {_D.steps}].")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help=f"Sequences (or images) per step [preset: {_D.batch_size}].")
+    ] = None,
+    context: Annotated[int | None, typer.Option(help="Context length in tokens [preset: 128].")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            help="Text file, dataset name, token-shard glob, or digits/cifar10 [preset: tinyshakespeare]; "
+            "names resolve through $LIPCLI_DATA_DIR, the cache, then the `datasets` hub."
+        ),
+    ] = None,  # fmt: skip
+    val_fraction: Annotated[
+        float | None, typer.Option(help=f"Share of the text held out for validation [preset: {_D.val_fraction:g}].")
+    ] = None,
+    eval_every: Annotated[
+        int | None, typer.Option(help=f"Evaluate and checkpoint every N steps [preset: {_D.eval_every}].")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Checkpoint path [runs/<preset>-<method>-<sigma>.safetensors].")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint at --out and its .optim.pt.")] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed for init and data order [preset: 0].")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (autocast) [preset: fp32].")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", help="Override any preset field, e.g. --set model.final_scale=8 --set train.caps='{\"head\": 4}'."
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Train a Lipschitz-constrained model (default: LipschitzGPT on tiny Shakespeare) and checkpoint it."""
+    from .training import TrainingError
+    from .training import train as run_training
+
+    options = {"method": method, "sigma_max": sigma_max, "optimizer": optimizer, "lr": lr, "wd": wd, "steps": steps,
+               "batch_size": batch_size, "data": data, "val_fraction": val_fraction, "eval_every": eval_every,
+               "seed": seed, "device": device, "dtype": dtype, "compile": compile}  # fmt: skip
+    try:
+        chosen = load_preset(preset)
+        overrides = {f"train.{k}": v for k, v in options.items() if v is not None}
+        if context is not None:
+            overrides["model.context"] = context
+        chosen = apply_overrides(chosen, {**overrides, **parse_set_options(set_ or [])})
+        t = chosen.train
+        path = out or Path("runs") / f"{chosen.name}-{t.method}-{t.sigma_max:g}.safetensors"
+        with _TrainProgress(enabled=not (quiet or as_json)) as progress:
+            result = run_training(chosen, path, resume=resume, on_event=progress.on_event)
+    except TrainingError as exc:
+        raise _fail(str(exc), 1) from None
+    except USER_ERRORS as exc:
+        raise _fail(str(exc), 2) from None
+    from .certification import certify_model
+
+    bound = certify_model(result.checkpoint)
+    summary = {"checkpoint": str(result.checkpoint), "preset": chosen.name, "method": t.method,
+               "optimizer": t.optimizer, "sigma_max": t.sigma_max, **result.metrics,
+               "log10_bound": bound.log10_bound, "bound_norm": bound.norm_pair}  # fmt: skip
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table(title=f"lipcli train: {chosen.name}", show_header=False)
+    for key in ("checkpoint", "method", "optimizer", "sigma_max", "step", "val_loss", "val_acc", "max_sigma",
+                "log10_bound", "wall_s", "tokens_per_s", "peak_memory_mb"):  # fmt: skip
+        table.add_row(key, _fmt(summary.get(key)))
+    table.add_row("certified bound", f"{_fmt_bound(bound.log10_bound)} ({bound.norm_pair})")
+    stdout.print(table)
+
+
+class _TrainProgress:
+    """A rich progress bar fed by the trainer's events (on stderr, so --json stays clean)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not enabled,
+        )
+        self.task = None
+        self.fields: dict[str, str] = {"loss": "-", "acc": "-", "sigma": "-", "tok/s": "-"}
+
+    def __enter__(self) -> _TrainProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if event["type"] == "start":
+            self.task = self.progress.add_task("train", total=event["steps"], completed=event["step"], status="")
+            return
+        if event["type"] == "step":
+            if event["loss"] is not None:
+                self.fields["loss"] = f"{event['loss']:.3f}"
+            self.fields["tok/s"] = f"{event['tokens_per_s']:.0f}"
+        if event["type"] == "eval":
+            self.fields["acc"] = f"{event['val_acc']:.1%}"
+            self.fields["sigma"] = f"{event['max_sigma']:.4f}"
+            self.progress.console.print(
+                f"step {event['step']}: val loss {event['val_loss']:.4f}, val acc {event['val_acc']:.2%}, "
+                f"max sigma {event['max_sigma']:.4f}"
+            )
+        status = " ".join(f"{k} {v}" for k, v in self.fields.items())
+        self.progress.update(self.task, completed=event["step"], status=status)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _fmt_bound(log10_bound: float) -> str:
+    if not math.isfinite(log10_bound):
+        return "unbounded"
+    return f"{10**log10_bound:.4g}" if log10_bound < 6 else f"10^{log10_bound:.1f}"
+
+
+@app.command("presets")
+def presets_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List the named presets."""
+    rows = {name: load_preset(name) for name in available()}
+    if as_json:
+        _print_json({n: {"arch": p.arch, "description": p.description} for n, p in rows.items()})
+        return
+    table = Table("preset", "arch", "description")
+    for name, p in rows.items():
+        table.add_row(name + (" (default)" if name == DEFAULT_PRESET else ""), p.arch, p.description)
+    stdout.print(table)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,235 @@
+"""The models: LipschitzGPT (the paper's), BaselineGPT (the usual pre-norm reference), LipschitzMLP.
+
+Each config is a small JSON-serializable dataclass; ``build_model(arch, config)`` rebuilds a model
+from a checkpoint's metadata. Weights are initialized deterministically from ``config.seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nn import MLP, Attention, Bound, Embedding, Linear, NormOf, Residual, log10
+from .optim import Group
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 65
+    d_model: int = 256
+    n_layers: int = 3
+    n_heads: int = 4
+    context: int = 256
+    mlp_ratio: int = 4
+    residual_scale: float = 1.0  # a = residual_scale / (2 n_layers) in x <- (1 - a) x + a f(x)
+    softmax_scale: float = 1.0  # attention logits = softmax_scale * q.k / d_head
+    final_scale: float = 1.0  # fixed logit multiplier: counted in the certificate
+    zero_init: bool = True  # zero-init attention/MLP output projections and the head (the reference's)
+    seed: int = 0
+
+
+@dataclass
+class MLPConfig:
+    input_dim: int = 64
+    hidden: int = 256
+    n_layers: int = 3
+    num_classes: int = 10
+    final_scale: float = 1.0
+    seed: int = 0
+
+
+def _init(model: nn.Module, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (Linear, Embedding)):
+            module.reset_parameters(generator)
+
+
+def _collect_groups(
+    model: nn.Module, caps: dict[str, float], sigma_max: float, lr_mult: dict[str, float]
+) -> list[Group]:
+    by_name: dict[str, list[nn.Parameter]] = {}
+    for module in model.modules():
+        if isinstance(module, (Linear, Embedding)):
+            by_name.setdefault(module.group, []).append(module.weight)
+    return [
+        Group(
+            name,
+            params,
+            kind="embed" if name == "embed" else "matrix",
+            sigma_max=caps.get(name, sigma_max),
+            lr_mult=lr_mult.get(name, 1.0),
+        )
+        for name, params in by_name.items()
+    ]
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        a = config.residual_scale / (2 * config.n_layers)
+        self.attn = Residual(Attention(config.d_model, config.n_heads, config.softmax_scale, config.zero_init), a)
+        self.mlp = Residual(MLP(config.d_model, config.mlp_ratio * config.d_model, config.zero_init), a)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.mlp(self.attn(x))
+
+
+class LipschitzGPT(nn.Module):
+    """The paper's transformer: no LayerNorm, no QK-norm, no logit softcap; convex residuals."""
+
+    arch = "lipschitz-gpt"
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.head = Linear(config.d_model, config.vocab_size, "head", zero_init=config.zero_init)
+        _init(self, config.seed)
+
+    def forward_embeddings(self, x: Tensor) -> Tensor:
+        """The certified map: token embeddings [B, T, d] -> logits [B, T, vocab]."""
+        for block in self.blocks:
+            x = block(x)
+        return self.config.final_scale * self.head(x)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.forward_embeddings(self.embed(tokens))
+
+    def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
+        return _collect_groups(self, caps, sigma_max, lr_mult)
+
+    def bound(self, norm_of: NormOf) -> list[tuple[str, Bound]]:
+        """Per-module certificates in data order, starting from unit-RMS embeddings."""
+        rows: list[tuple[str, Bound]] = []
+        r = self.embed.max_row_rms()
+        rows.append(("embed", Bound(0.0, r, {"max_row_rms": r})))
+        for i, block in enumerate(self.blocks):
+            for name, module in (("attn", block.attn), ("mlp", block.mlp)):
+                b = module.bound(r, norm_of)
+                rows.append((f"block{i}.{name}", b))
+                r = b.out_norm
+        head = self.head.bound(r, norm_of)
+        scale = self.config.final_scale
+        rows.append(("head", Bound(head.log10_lipschitz + log10(scale), head.out_norm * scale, head.terms)))
+        return rows
+
+
+class BaselineGPT(nn.Module):
+    """The usual unconstrained reference: pre-norm RMSNorm blocks, 1/sqrt(d_head) attention, AdamW."""
+
+    arch = "baseline-gpt"
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embed = nn.Embedding(config.vocab_size, d)
+        self.blocks = nn.ModuleList(_BaselineBlock(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(d)
+        self.head = nn.Linear(d, config.vocab_size, bias=False)
+        generator = torch.Generator().manual_seed(config.seed)
+        for p in self.parameters():
+            if p.dim() == 2:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+    def forward_embeddings(self, x: Tensor) -> Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.forward_embeddings(self.embed(tokens))
+
+    def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
+        return [Group("all", list(self.parameters()), kind="free")]
+
+
+class _BaselineBlock(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.n_heads = config.n_heads
+        self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.fc_in = nn.Linear(d, config.mlp_ratio * d, bias=False)
+        self.fc_out = nn.Linear(config.mlp_ratio * d, d, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
+        x = x + self.o(y)
+        return x + self.fc_out(F.gelu(self.fc_in(self.norm2(x))))
+
+
+class LipschitzMLP(nn.Module):
+    """The paper's image MLP: bias-free constrained linear layers with ReLU (1-Lipschitz)."""
+
+    arch = "lipschitz-mlp"
+
+    def __init__(self, config: MLPConfig) -> None:
+        super().__init__()
+        self.config = config
+        dims = [config.input_dim] + [config.hidden] * (config.n_layers - 1) + [config.num_classes]
+        groups = ["mlp_in"] + ["mlp_hidden"] * (config.n_layers - 2) + ["head"]
+        self.layers = nn.ModuleList(Linear(i, o, g) for i, o, g in zip(dims[:-1], dims[1:], groups, strict=True))
+        _init(self, config.seed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return self.config.final_scale * x
+
+    def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
+        return _collect_groups(self, caps, sigma_max, lr_mult)
+
+    def bound(self, norm_of: NormOf) -> list[tuple[str, Bound]]:
+        """L2 -> L2: the product of spectral norms (RMS->RMS norm times sqrt(fan_out / fan_in)); ReLU is 1-Lipschitz."""
+        rows = []
+        for i, layer in enumerate(self.layers):
+            n = norm_of(layer.weight)
+            fan_out, fan_in = layer.weight.shape
+            rows.append((f"layer{i}", Bound(log10(n * math.sqrt(fan_out / fan_in)), math.nan, {"norm": n})))
+        rows.append(("final_scale", Bound(log10(self.config.final_scale), math.nan, {})))
+        return rows
+
+
+ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {
+    LipschitzGPT.arch: (LipschitzGPT, GPTConfig),
+    BaselineGPT.arch: (BaselineGPT, GPTConfig),
+    LipschitzMLP.arch: (LipschitzMLP, MLPConfig),
+}
+
+
+def config_from_dict(arch: str, values: dict) -> GPTConfig | MLPConfig:
+    """Build the config dataclass for ``arch``, rejecting unknown fields by name."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    config_cls = ARCHITECTURES[arch][1]
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown {arch} config field(s): {', '.join(unknown)}")
+    return config_cls(**values)
+
+
+def build_model(arch: str, config: GPTConfig | MLPConfig | dict) -> nn.Module:
+    if isinstance(config, dict):
+        config = config_from_dict(arch, config)
+    return ARCHITECTURES[arch][0](config)
+
+
+def config_dict(model: nn.Module) -> dict:
+    return asdict(model.config)

@@ -1,0 +1,179 @@
+"""Layers that know their own Lipschitz constant and how they grow the norm of their input (Modula's idea).
+
+Every bound is in per-token RMS norms, for inputs whose RMS is at most ``in_norm``. Lipschitz
+constants are carried as log10 so products of hundreds of layers never overflow. Weight norms come
+from a ``norm_of`` function (certify passes the exact float64 RMS->RMS norm), never from metadata.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .spectral import rms_scale
+
+NormOf = Callable[[Tensor], float]
+GELU_MAX_SLOPE = 1.1289  # max of d/dx GeLU(x): dividing by it makes the activation 1-Lipschitz
+ATTENTION_OUT_FACTOR = 1.0 / 3.0  # the reference architecture's 1/3 on the attention output
+
+
+def log10(x: float) -> float:
+    return math.log10(x) if x > 0 else -math.inf
+
+
+@dataclass
+class Bound:
+    """A module's certificate on inputs of RMS <= in_norm: log10 Lipschitz constant and output RMS bound."""
+
+    log10_lipschitz: float
+    out_norm: float
+    terms: dict[str, float] = field(default_factory=dict)
+
+
+class Linear(nn.Module):
+    """Bias-free linear map whose weight belongs to a named constraint group."""
+
+    def __init__(self, fan_in: int, fan_out: int, group: str, zero_init: bool = False) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(fan_out, fan_in))
+        self.zero_init = zero_init
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Orthogonal init at RMS->RMS norm 1 (zero when the reference zero-inits this layer)."""
+        with torch.no_grad():
+            if self.zero_init:
+                self.weight.zero_()
+                return
+            gaussian = torch.randn(self.weight.shape, generator=generator)
+            q, _ = torch.linalg.qr(gaussian if gaussian.shape[0] >= gaussian.shape[1] else gaussian.mT)
+            q = q if gaussian.shape[0] >= gaussian.shape[1] else q.mT
+            self.weight.copy_(q * rms_scale(self.weight))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    def bound(self, in_norm: float, norm_of: NormOf) -> Bound:
+        n = norm_of(self.weight)
+        return Bound(log10(n), n * in_norm, {"norm": n})
+
+
+class Embedding(nn.Module):
+    """Token embedding with rows (one per token) of RMS <= 1: the input domain of every certificate."""
+
+    def __init__(self, vocab_size: int, d_model: int) -> None:
+        super().__init__()
+        self.group = "embed"
+        self.weight = nn.Parameter(torch.empty(vocab_size, d_model))
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        with torch.no_grad():
+            w = torch.randn(self.weight.shape, generator=generator)
+            self.weight.copy_(w / w.pow(2).mean(dim=-1, keepdim=True).sqrt())
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return F.embedding(tokens, self.weight)
+
+    def max_row_rms(self) -> float:
+        return float(self.weight.detach().double().pow(2).mean(dim=-1).sqrt().max())
+
+
+class Rotary(nn.Module):
+    """RoPE: rotates query/key pairs by position; an orthogonal map per token, so norm-preserving."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0) -> None:
+        super().__init__()
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = torch.arange(x.shape[-2], device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(x.device))
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+        return rotated.flatten(-2)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with 1/d_head logit scaling, RoPE, and the 1/3 output factor."""
+
+    def __init__(self, d_model: int, n_heads: int, softmax_scale: float, zero_init: bool) -> None:
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.softmax_scale = softmax_scale
+        self.q = Linear(d_model, d_model, "attn_qk")
+        self.k = Linear(d_model, d_model, "attn_qk")
+        self.v = Linear(d_model, d_model, "attn_v")
+        self.o = Linear(d_model, d_model, "attn_out", zero_init=zero_init)
+        self.rotary = Rotary(self.head_dim)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
+        q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale / self.head_dim)
+        y = y.transpose(1, 2).reshape(x.shape)
+        return self.o(y * ATTENTION_OUT_FACTOR)
+
+    def bound(self, in_norm: float, norm_of: NormOf) -> Bound:
+        """The paper's bound: (n_o/3)(n_v + 2 n_v r^2 n_q n_k s); output RMS <= (n_o n_v / 3) r.
+
+        softmax_scale multiplies the query/key term only (the reference applies it to all of it).
+        """
+        n_q, n_k, n_v, n_o = (norm_of(m.weight) for m in (self.q, self.k, self.v, self.o))
+        qk_term = 2.0 * n_v * in_norm**2 * n_q * n_k * self.softmax_scale
+        lip = n_o * ATTENTION_OUT_FACTOR * (n_v + qk_term)
+        terms = {"n_q": n_q, "n_k": n_k, "n_v": n_v, "n_o": n_o}
+        return Bound(log10(lip), n_o * n_v * ATTENTION_OUT_FACTOR * in_norm, terms)
+
+
+class MLP(nn.Module):
+    """W_out GeLU(W_in x) / 1.1289: the scaled GeLU is 1-Lipschitz and shrinks norms by 1.1289."""
+
+    def __init__(self, d_model: int, hidden: int, zero_init: bool) -> None:
+        super().__init__()
+        self.fc_in = Linear(d_model, hidden, "mlp_in")
+        self.fc_out = Linear(hidden, d_model, "mlp_out", zero_init=zero_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc_out(F.gelu(self.fc_in(x)) / GELU_MAX_SLOPE)
+
+    def bound(self, in_norm: float, norm_of: NormOf) -> Bound:
+        """Lipschitz n_out n_in (activation slope 1); |GeLU(x)| <= |x| gives output RMS <= n_out n_in r / 1.1289."""
+        n_in, n_out = norm_of(self.fc_in.weight), norm_of(self.fc_out.weight)
+        return Bound(log10(n_in * n_out), n_in * n_out * in_norm / GELU_MAX_SLOPE, {"n_in": n_in, "n_out": n_out})
+
+
+class Residual(nn.Module):
+    """x <- (1 - a) x + a f(x): a convex combination, so L = (1 - a) + a L_f and likewise for norms."""
+
+    def __init__(self, inner: nn.Module, a: float) -> None:
+        super().__init__()
+        self.inner, self.a = inner, a
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (1.0 - self.a) * x + self.a * self.inner(x)
+
+    def bound(self, in_norm: float, norm_of: NormOf) -> Bound:
+        inner = self.inner.bound(in_norm, norm_of)
+        log_lip = _log10_affine(1.0 - self.a, self.a, inner.log10_lipschitz)
+        out = (1.0 - self.a) * in_norm + self.a * inner.out_norm
+        return Bound(log_lip, out, {**inner.terms, "inner_log10_lipschitz": inner.log10_lipschitz})
+
+
+def _log10_affine(c: float, a: float, log10_x: float) -> float:
+    """log10(c + a * 10**log10_x) without overflow."""
+    if log10_x > 300:
+        return log10(a) + log10_x + math.log10(1.0 + c / a * 10.0 ** (-log10_x))
+    return log10(c + a * 10.0**log10_x)

@@ -1,0 +1,194 @@
+"""Optimizers that keep their constraint after every step: Muon (+ any method) and AdamW (+ any method).
+
+Parameter groups carry ``kind`` ("matrix", "embed" or "free"), ``method`` and ``sigma_max``; models
+build them with :func:`param_groups`. A constraint only ever sees matrices; the optimizer tells it
+the one thing it knows that the constraint cannot: a bound on the norm of the step just taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .constraints import CapContext, get_method, project
+from .spectral import MUON_COEFFS, max_gain, msign, rms_scale
+
+# Rounding inside msign (bf16 on CUDA) can push a singular value a little past the exact polynomial's max.
+_GAIN_MARGIN = 1.05
+
+MUON_METHODS = ("none", "wd", "spec-wd", "normalize", "softcap", "hardcap", "svd")
+ADAMW_METHODS = ("none", "wd", "spec-wd", "normalize", "hammer", "hardcap", "svd")
+
+
+def check_method(optimizer: str, method: str) -> None:
+    """Reject pairs whose guarantee or purpose the optimizer cannot honour, with the reason."""
+    get_method(method)
+    if optimizer == "adamw" and method not in ADAMW_METHODS:
+        raise ValueError(
+            "softcap's guarantee needs a known bound on each step's spectral norm, which only Muon gives; "
+            "use --optimizer muon, or hardcap/normalize/svd with adamw"
+        )
+    if optimizer == "muon" and method not in MUON_METHODS:
+        raise ValueError(
+            "hammer only moves the top singular value, but Muon's full-rank steps raise all of them; "
+            "use --optimizer adamw with hammer, or softcap/hardcap with muon"
+        )
+    if optimizer not in ("muon", "adamw"):
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose muon or adamw")
+
+
+@dataclass(frozen=True)
+class Group:
+    """A named set of parameters that share a kind, a cap and a learning-rate multiplier."""
+
+    name: str
+    params: list[nn.Parameter]
+    kind: str  # "matrix": spectral cap; "embed": rows capped at unit RMS; "free": unconstrained
+    sigma_max: float = 1.0
+    lr_mult: float = 1.0
+
+
+def param_groups(groups: Iterable[Group], lr: float, method: str, wd: float) -> list[dict]:
+    """Optimizer param-group dicts; spec-wd turns ``wd`` into spectral decay instead of decoupled decay."""
+    dicts = []
+    for g in groups:
+        if not g.params:
+            continue
+        group_method = method if g.kind == "matrix" else "none"
+        spectral = group_method == "spec-wd"
+        decoupled = wd if g.kind != "embed" and not spectral else 0.0
+        dicts.append(
+            {
+                "params": g.params,
+                "name": g.name,
+                "kind": g.kind,
+                "sigma_max": g.sigma_max,
+                "lr": lr * g.lr_mult,
+                "method": group_method,
+                "weight_decay": decoupled,
+                "spectral_decay": wd if spectral else 0.0,
+            }
+        )
+    return dicts
+
+
+def cap_embedding_rows(weight: Tensor, max_rms: float = 1.0) -> Tensor:
+    """Scale each row (one token's vector) down to RMS <= max_rms."""
+    rms = weight.float().pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return weight * (max_rms / rms.clamp_min(max_rms)).to(weight.dtype)
+
+
+def _apply_constraint(p: Tensor, group: dict, state: dict, step_norm: float | None) -> None:
+    if group["kind"] == "embed":
+        p.copy_(cap_embedding_rows(p))
+        return
+    if group["kind"] != "matrix" or group["method"] == "none":
+        return
+    sigma_max = group["sigma_max"]
+    decay = group["lr"] * group["weight_decay"]
+    # The induction "norm <= sigma_max before the step" holds only after a first exact projection.
+    norm_bound = None
+    if step_norm is not None and state.get("capped"):
+        norm_bound = sigma_max * (1.0 - decay) + step_norm
+    spectral_decay = group["lr"] * group["spectral_decay"]
+    ctx = CapContext(sigma_max, norm_bound=norm_bound, decay=spectral_decay, state=state.setdefault("cap", {}))
+    p.copy_(project(p, group["method"], ctx))
+    state["capped"] = get_method(group["method"]).enforces
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon with the constraint applied inside ``step()``.
+
+    Written here rather than wrapping torch.optim.Muon because the soft cap needs the exact bound on
+    each update's RMS->RMS norm (lr times the Newton-Schulz gain), the paper scales by
+    sqrt(fan_out / fan_in) for every shape, and embeddings take a row-normalized update.
+    """
+
+    def __init__(
+        self,
+        params: list[dict],
+        lr: float = 0.1,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.0,
+        method: str = "softcap",
+        sigma_max: float = 1.0,
+        embed_inflation: float = 16.0,
+        coeffs: tuple[tuple[float, float, float], ...] = MUON_COEFFS,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            method=method,
+            sigma_max=sigma_max,
+            kind="matrix",
+            spectral_decay=0.0,
+            embed_inflation=embed_inflation,
+        )
+        super().__init__(params, defaults)
+        self.coeffs = coeffs
+        self.gain = max_gain(coeffs) * _GAIN_MARGIN
+
+    def direction(self, update: Tensor, group: dict) -> Tensor:
+        """The step before the learning rate: RMS->RMS norm <= gain for matrices, unit-RMS rows for embeddings."""
+        if group["kind"] == "embed":
+            rms = update.pow(2).mean(dim=-1, keepdim=True).sqrt()
+            # Rare tokens get small gradients: normalize rows, but inflate none more than embed_inflation.
+            floor = rms.max() / group["embed_inflation"]
+            return update / rms.clamp_min(floor).clamp_min(1e-30)
+        if group["kind"] != "matrix":
+            raise ValueError(f"Muon cannot train parameter group {group.get('name')!r} of kind {group['kind']!r}")
+        return msign(update, self.coeffs) * rms_scale(update)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            decay = lr * group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - momentum)
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+                if decay:
+                    p.mul_(1.0 - decay)
+                p.add_(self.direction(update, group).to(p.dtype), alpha=-lr)
+                _apply_constraint(p, group, state, step_norm=lr * self.gain)
+        return loss
+
+
+class ConstrainedAdamW(torch.optim.AdamW):
+    """AdamW (decoupled weight decay) followed by the group's constraint.
+
+    AdamW's step has no spectral-norm bound, so methods needing one measure the norm instead.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    _apply_constraint(p, group, self.state[p], step_norm=None)
+        return loss
+
+
+def build_optimizer(
+    name: str, groups: Iterable[Group], lr: float, method: str, wd: float, betas: tuple[float, float] = (0.9, 0.95)
+) -> torch.optim.Optimizer:
+    check_method(name, method)
+    param_dicts = param_groups(groups, lr, method, wd)
+    if name == "muon":
+        return Muon(param_dicts, lr=lr, weight_decay=wd, method=method)
+    return ConstrainedAdamW(param_dicts, lr=lr, weight_decay=wd, betas=betas)

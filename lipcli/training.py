@@ -1,0 +1,309 @@
+"""The training loop: data, model, constrained optimizer, evaluation, checkpoints, resume, NaN guard.
+
+Rendering stays out: progress goes to an ``on_event`` callback (the CLI draws a rich bar from it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import checkpoint
+from .data import BatchSampler, DataError, load_image_splits, load_shard_splits, load_text_splits, val_batches
+from .models import build_model
+from .optim import build_optimizer, check_method
+from .presets import Preset, TrainConfig
+from .spectral import rms_norm_exact
+
+IMAGE_SETS = ("digits", "cifar10")
+
+
+class TrainingError(RuntimeError):
+    """A run that had to stop; the message says why and where the last good checkpoint is."""
+
+
+@dataclass
+class TrainResult:
+    checkpoint: Path
+    step: int
+    metrics: dict[str, float]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+Event = dict[str, Any]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def validate(preset: Preset) -> None:
+    """Reject a bad configuration before any data is read or any file written."""
+    t = preset.train
+    check_method(t.optimizer, t.method)
+    if t.sigma_max <= 0 or any(v <= 0 for v in t.caps.values()):
+        raise ValueError(f"sigma-max must be > 0 (got {t.sigma_max}, caps {t.caps})")
+    for name, value in (("steps", t.steps), ("batch-size", t.batch_size), ("eval-every", t.eval_every)):
+        if value <= 0:
+            raise ValueError(f"--{name} must be > 0 (got {value})")
+    if t.lr <= 0:
+        raise ValueError(f"--lr must be > 0 (got {t.lr})")
+    if t.schedule not in ("linear", "cosine", "constant"):
+        raise ValueError(f"unknown schedule {t.schedule!r}; choose linear, cosine or constant")
+    if t.dtype not in ("fp32", "bf16"):
+        raise ValueError(f"unknown dtype {t.dtype!r}; choose fp32 or bf16")
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """Warm-up then linear/cosine decay to zero (or constant) at ``t.steps``."""
+    if step < t.warmup:
+        return (step + 1) / t.warmup
+    progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+    if t.schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if t.schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def mass_lr_mult(blocks_mass: float | None) -> dict[str, float]:
+    """Modula's mass split: embed/head get 1/(m+2), q/k/v get m/(m+2), the other block matrices a third of it.
+
+    q/k/v get three times the rest because of the 1/3 on the attention output.
+    """
+    if blocks_mass is None:
+        return {}
+    block = blocks_mass / (blocks_mass + 2.0)
+    edge = 1.0 / (blocks_mass + 2.0)
+    return {"embed": edge, "head": edge, "attn_qk": block, "attn_v": block,
+            "attn_out": block / 3, "mlp_in": block / 3, "mlp_out": block / 3}  # fmt: skip
+
+
+class _LMTask:
+    """Next-token prediction on a token stream."""
+
+    def __init__(self, t: TrainConfig, context: int, rank: int = 0, world_size: int = 1) -> None:
+        if t.data and t.data.endswith(".bin") or (t.val_data and t.val_data.endswith(".bin")):
+            if not t.val_data:
+                raise DataError("token-shard training needs train.val_data (a glob of validation shards)")
+            self.splits = load_shard_splits(t.data, t.val_data)
+        else:
+            self.splits = load_text_splits(t.data, tokenizer=t.tokenizer, val_fraction=t.val_fraction, context=context)
+        self.vocab_size = self.splits.tokenizer.vocab_size if self.splits.tokenizer else 50257
+        self.sampler = BatchSampler(self.splits.train, context, t.batch_size, t.seed, rank, world_size)
+        self.context, self.t = context, t
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"vocab_size": self.vocab_size}
+
+    def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        return self.sampler.batch(step, device)
+
+    def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        for x, y in val_batches(self.splits.val, self.context, self.t.batch_size, self.t.eval_batches):
+            yield x.to(device), y.to(device)
+
+    def tokens_per_batch(self) -> int:
+        return self.t.batch_size * self.context
+
+    def tokenizer_dict(self) -> dict | None:
+        return self.splits.tokenizer.to_dict() if self.splits.tokenizer else None
+
+
+class _ImageTask:
+    """Classification of flattened images."""
+
+    def __init__(self, t: TrainConfig) -> None:
+        self.splits = load_image_splits(t.data, seed=t.seed)
+        self.t = t
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"input_dim": self.splits.input_dim, "num_classes": self.splits.num_classes}
+
+    def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        gen = torch.Generator().manual_seed(self.t.seed * 1_000_003 + step)
+        idx = torch.randint(0, len(self.splits.y_train), (self.t.batch_size,), generator=gen)
+        return self.splits.x_train[idx].to(device), self.splits.y_train[idx].to(device)
+
+    def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        for start in range(0, len(self.splits.y_val), 1024):
+            yield self.splits.x_val[start : start + 1024].to(device), self.splits.y_val[start : start + 1024].to(device)
+
+    def tokens_per_batch(self) -> int:
+        return self.t.batch_size
+
+    def tokenizer_dict(self) -> None:
+        return None
+
+
+def make_task(preset: Preset, rank: int = 0, world_size: int = 1) -> _LMTask | _ImageTask:
+    if preset.arch == "lipschitz-mlp":
+        return _ImageTask(preset.train)
+    context = int(preset.model.get("context", 256))
+    return _LMTask(preset.train, context, rank, world_size)
+
+
+def loss_and_correct(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    logits = model(x).float()
+    loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
+    correct = (logits.argmax(dim=-1) == y).sum()
+    return loss, correct
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], autocast: torch.autocast) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    total_loss, total_correct, total = 0.0, 0, 0
+    for x, y in batches:
+        with autocast:
+            loss, correct = loss_and_correct(model, x, y)
+        total_loss += float(loss) * y.numel()
+        total_correct += int(correct)
+        total += y.numel()
+    model.train(was_training)
+    return {"val_loss": total_loss / max(1, total), "val_acc": total_correct / max(1, total)}
+
+
+def max_weight_norm(model: nn.Module) -> float:
+    """Largest RMS->RMS norm over the model's weight matrices (exact; embeddings excluded)."""
+    norms = [
+        float(rms_norm_exact(p, dtype=torch.float32))
+        for n, p in model.named_parameters()
+        if p.dim() == 2 and "embed" not in n
+    ]
+    return max(norms, default=0.0)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def train(
+    preset: Preset,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    on_event: Callable[[Event], None] | None = None,
+) -> TrainResult:
+    """Train ``preset`` and write the checkpoint to ``out`` (with ``out``.optim.pt and ``out``.log.jsonl)."""
+    validate(preset)
+    t = preset.train
+    emit = on_event or (lambda event: None)
+    out = Path(out)
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    task = make_task(preset)
+    model_config = {**preset.model, **task.model_fields(), "seed": t.seed}
+    model = build_model(preset.arch, model_config).to(device)
+    lr_mult = {**mass_lr_mult(t.blocks_mass), **t.lr_mult}
+    optimizer = build_optimizer(t.optimizer, model.groups(t.sigma_max, t.caps, lr_mult), t.lr, t.method, t.wd)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    start_step, history = 0, []
+    log_path = out.with_name(out.name + ".log.jsonl")
+    if resume:
+        start_step, history = _restore(out, model, optimizer, preset)
+    elif log_path.exists():
+        log_path.unlink()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
+    step_fn = torch.compile(model) if t.compile else model
+    train_config = {**asdict(t), "preset": preset.name, "arch": preset.arch}
+    emit({"type": "start", "step": start_step, "steps": t.steps, "device": str(device), "params": _n_params(model)})
+
+    metrics: dict[str, float] = history[-1] if history else {}
+    step, last_saved = start_step, start_step if resume else None
+    tokens, started = 0, time.perf_counter()
+    model.train()
+    try:
+        while step < t.steps:
+            for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base * lr_factor(step, t)
+            x, y = task.batch(step, device)
+            with autocast:
+                loss, _ = loss_and_correct(step_fn, x, y)
+            evaluating = (step + 1) % t.eval_every == 0 or step + 1 == t.steps
+            # Reading the loss syncs the host with the device: on CUDA do it every 10 steps and before saving.
+            check = device.type == "cpu" or (step + 1) % 10 == 0 or evaluating
+            loss_value = float(loss.detach()) if check else None
+            if loss_value is not None and not math.isfinite(loss_value):
+                raise TrainingError(_diverged(step, last_saved, out))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            tokens += task.tokens_per_batch()
+            elapsed = time.perf_counter() - started
+            emit({"type": "step", "step": step, "loss": loss_value, "tokens_per_s": tokens / max(elapsed, 1e-9)})
+            if evaluating:
+                metrics = {
+                    "step": step,
+                    "train_loss": loss_value,
+                    **evaluate(model, task.eval_batches(device), autocast),
+                    "max_sigma": max_weight_norm(model),
+                    "tokens_per_s": tokens / max(elapsed, 1e-9),
+                    "peak_memory_mb": _peak_memory_mb(device),
+                    "wall_s": elapsed + (history[-1]["wall_s"] if history else 0.0),
+                }
+                if not math.isfinite(metrics["val_loss"]):
+                    raise TrainingError(f"validation loss is NaN/inf at step {step}; " + _kept(last_saved, out))
+                history.append(metrics)
+                _save(out, model, optimizer, train_config, metrics, step, task, history, log_path)
+                last_saved = step
+                emit({"type": "eval", **metrics})
+    except KeyboardInterrupt:
+        raise TrainingError(
+            f"interrupted at step {step}; "
+            + (
+                f"last checkpoint {out} is at step {last_saved}: continue with --resume"
+                if last_saved
+                else "no checkpoint yet"
+            )
+        ) from None
+    return TrainResult(out, step, metrics, history)
+
+
+def _n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _kept(last_saved: int | None, out: Path) -> str:
+    if last_saved:
+        return f"the last good checkpoint {out} (step {last_saved}) is kept. Lower --lr or --sigma-max."
+    return "no checkpoint was written. Lower --lr or --sigma-max."
+
+
+def _diverged(step: int, last_saved: int | None, out: Path) -> str:
+    return f"loss became NaN/inf at step {step}; " + _kept(last_saved, out)
+
+
+def _save(out, model, optimizer, train_config, metrics, step, task, history, log_path) -> None:
+    checkpoint.save(out, model, train_config=train_config, metrics=metrics, step=step, tokenizer=task.tokenizer_dict())
+    checkpoint.save_optimizer(out, optimizer.state_dict(), {"step": step, "history": json.dumps(history)})
+    with log_path.open("a") as f:
+        f.write(json.dumps(metrics, allow_nan=False) + "\n")
+
+
+def _restore(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset) -> tuple[int, list]:
+    ckpt = checkpoint.load(out)
+    if ckpt.arch != preset.arch:
+        raise TrainingError(f"--resume: {out} holds a {ckpt.arch} model, the preset trains {preset.arch}")
+    model.load_state_dict(ckpt.model.state_dict())
+    state = checkpoint.load_optimizer(out)
+    optimizer.load_state_dict(state["optimizer"])
+    return ckpt.step, json.loads(state["extra"]["history"])

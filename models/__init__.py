@@ -1,0 +1,1 @@
+"""Named model presets: the *.toml files beside this one (data, not code)."""

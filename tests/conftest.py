@@ -1,0 +1,26 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from lipcli.presets import Preset, apply_overrides, load_preset
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(monkeypatch, tmp_path):
+    """Point dataset names at the local corpus and keep caches inside the test's tmp dir."""
+    if "LIPCLI_DATA_DIR" not in os.environ:
+        monkeypatch.setenv("LIPCLI_DATA_DIR", str(SHARED_DATA))
+    monkeypatch.setenv("LIPCLI_CACHE_DIR", str(tmp_path / "cache"))
+
+
+TINY_GPT = {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.context": 16,
+            "train.batch_size": 4, "train.eval_batches": 2, "train.steps": 6, "train.eval_every": 3,
+            "train.device": "cpu"}  # fmt: skip
+
+
+def tiny_preset(name: str = "shakespeare-cpu", **overrides) -> Preset:
+    """A preset shrunk to run in about a second on 2 CPU cores."""
+    return apply_overrides(load_preset(name), {**TINY_GPT, **overrides})

@@ -1,0 +1,59 @@
+import json
+
+from typer.testing import CliRunner
+
+from lipcli.cli import app
+
+runner = CliRunner()
+TINY = [
+    *("--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--context", "16"),
+    *("--batch-size", "4", "--set", "train.eval_batches=2", "--steps", "4", "--eval-every", "2", "--device", "cpu"),
+]
+
+
+def test_train_json_prints_one_object_with_accuracy_and_bound(tmp_path):
+    out = tmp_path / "m.safetensors"
+    result = runner.invoke(
+        app, ["train", *TINY, "--method", "softcap", "--sigma-max", "1", "--out", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["step"] == 4 and summary["sigma_max"] == 1.0
+    assert summary["max_sigma"] <= 1.001
+    assert 0 < summary["val_acc"] < 1 and summary["log10_bound"] < 3
+    assert out.exists()
+
+
+def test_train_table_output(tmp_path):
+    result = runner.invoke(app, ["train", *TINY, "--out", str(tmp_path / "m.safetensors"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "certified bound" in result.stdout and "val_acc" in result.stdout
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    for args, words in [
+        (["train", "--preset", "nope"], "unknown preset"),
+        (["train", *TINY, "--sigma-max", "-1"], "sigma-max must be > 0"),
+        (["train", *TINY, "--optimizer", "adamw", "--method", "softcap"], "only Muon"),
+        (["train", *TINY, "--set", "model.final_scale=abc"], "cannot parse"),
+    ]:
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "x.safetensors")])
+        assert result.exit_code == 2, (args, result.output)
+        assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in result.output
+
+
+def test_help_explains_sigma_max_and_presets():
+    result = runner.invoke(app, ["train", "--help"])
+    assert result.exit_code == 0
+    assert "RMS->RMS" in result.stdout and "--resume" in result.stdout
+    listing = runner.invoke(app, ["presets", "--json"])
+    names = json.loads(listing.stdout)
+    assert {
+        "shakespeare-cpu",
+        "shakespeare-baseline",
+        "shakespeare-2m",
+        "nanogpt-145m",
+        "mlp-digits",
+        "mlp-cifar",
+    } <= set(names)

@@ -1,0 +1,127 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lipcli.models import GPTConfig, LipschitzGPT
+from lipcli.optim import Muon, build_optimizer, check_method, param_groups
+from lipcli.spectral import MUON_COEFFS, max_gain, rms_norm_exact, rms_scale
+
+
+def _tiny_gpt(seed: int = 0) -> LipschitzGPT:
+    return LipschitzGPT(GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, seed=seed))
+
+
+def _lm_loss(model, tokens):
+    logits = model(tokens[:, :-1])
+    return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 16), (16, 64)])
+def test_muon_update_has_promised_rms_norm(shape):
+    """One step from zero momentum: W moves by lr * msign(g) * sqrt(fan_out / fan_in)."""
+    p = torch.nn.Parameter(torch.zeros(shape))
+    opt = Muon([{"params": [p], "method": "none"}], lr=0.1, momentum=0.0, nesterov=False)
+    p.grad = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    opt.step()
+    step_norm = float(rms_norm_exact(p))
+    assert 0.1 * 0.6 < step_norm <= 0.1 * max_gain(MUON_COEFFS) * (1 + 1e-4)
+    # All singular values of the step are O(1): an orthogonalized update, not the raw gradient.
+    s = torch.linalg.svdvals(p.detach().double()) / rms_scale(p)
+    assert float(s.min()) > 0.1 * 0.5
+
+
+def test_muon_direction_matches_torch_muon():
+    """Same momentum, Nesterov and Newton-Schulz as torch.optim.Muon; only the lr scaling differs."""
+    shape = (48, 24)
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(shape, generator=gen)
+    grads = [torch.randn(shape, generator=gen) for _ in range(3)]
+    ours = torch.nn.Parameter(start.clone())
+    theirs = torch.nn.Parameter(start.clone())
+    opt_ours = Muon([{"params": [ours], "method": "none"}], lr=0.01)
+    opt_theirs = torch.optim.Muon([theirs], lr=0.01, weight_decay=0.0)
+    for g in grads:
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        before_ours, before_theirs = ours.detach().clone(), theirs.detach().clone()
+        opt_ours.step()
+        opt_theirs.step()
+        d_ours = (ours.detach() - before_ours).flatten()
+        d_theirs = (theirs.detach() - before_theirs).flatten()
+        # torch computes Newton-Schulz in bf16: the directions agree to bf16 precision.
+        assert float(F.cosine_similarity(d_ours, d_theirs, dim=0)) > 0.99
+
+
+@pytest.mark.parametrize("method", ["softcap", "hardcap", "svd", "normalize"])
+def test_training_lowers_loss_and_keeps_every_matrix_capped(method):
+    torch.manual_seed(0)
+    model = _tiny_gpt()
+    sigma_max = 1.0
+    opt = build_optimizer("muon", model.groups(sigma_max, {}, {}), lr=0.05, method=method, wd=0.0)
+    tokens = torch.randint(0, 13, (8, 17), generator=torch.Generator().manual_seed(3))
+    first = None
+    for _ in range(20):
+        loss = _lm_loss(model, tokens)
+        first = first if first is not None else float(loss.detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        for name, p in model.named_parameters():
+            if name.startswith("embed"):
+                rms = p.detach().pow(2).mean(dim=-1).sqrt()
+                assert float(rms.max()) <= 1.0 + 1e-5, name
+            else:
+                assert float(rms_norm_exact(p)) <= sigma_max * (1 + 1e-3), (method, name)
+    assert float(_lm_loss(model, tokens)) < first - 0.2
+
+
+def test_per_group_caps_and_lr_multipliers_reach_the_optimizer():
+    model = _tiny_gpt()
+    groups = model.groups(1.0, {"head": 4.0}, {"embed": 0.5})
+    opt = build_optimizer("muon", groups, lr=0.1, method="softcap", wd=0.0)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert by_name["head"]["sigma_max"] == 4.0 and by_name["attn_qk"]["sigma_max"] == 1.0
+    assert by_name["embed"]["lr"] == pytest.approx(0.05) and by_name["mlp_in"]["lr"] == pytest.approx(0.1)
+    assert by_name["embed"]["method"] == "none"
+
+
+def test_spec_wd_replaces_decoupled_decay():
+    model = _tiny_gpt()
+    groups = param_groups(model.groups(1.0, {}, {}), lr=0.1, method="spec-wd", wd=0.3)
+    matrix = next(g for g in groups if g["name"] == "mlp_in")
+    assert matrix["weight_decay"] == 0.0 and matrix["spectral_decay"] == 0.3
+
+
+def test_adamw_with_constraint_caps_after_each_step():
+    model = _tiny_gpt()
+    opt = build_optimizer("adamw", model.groups(0.5, {}, {}), lr=1e-2, method="hardcap", wd=0.0)
+    tokens = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(4))
+    for _ in range(3):
+        opt.zero_grad()
+        _lm_loss(model, tokens).backward()
+        opt.step()
+    assert max(float(rms_norm_exact(p)) for n, p in model.named_parameters() if not n.startswith("embed")) <= 0.5 * (
+        1 + 1e-3
+    )
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "method", "reason"),
+    [("adamw", "softcap", "only Muon"), ("muon", "hammer", "full-rank"), ("sgd", "none", "unknown optimizer")],
+)
+def test_pairs_the_optimizer_cannot_honour_are_rejected(optimizer, method, reason):
+    with pytest.raises(ValueError, match=reason):
+        check_method(optimizer, method)
+
+
+def test_identical_seeds_give_identical_training():
+    def run() -> torch.Tensor:
+        model = _tiny_gpt(seed=7)
+        opt = build_optimizer("muon", model.groups(1.0, {}, {}), lr=0.05, method="softcap", wd=0.0)
+        tokens = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(5))
+        for _ in range(3):
+            opt.zero_grad()
+            _lm_loss(model, tokens).backward()
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    assert torch.equal(run(), run())

@@ -1,0 +1,134 @@
+import json
+
+import pytest
+import torch
+
+from lipcli import checkpoint
+from lipcli.data import DataError
+from lipcli.presets import PresetError, load_preset
+from lipcli.spectral import rms_norm_exact
+from lipcli.training import TrainingError, lr_factor, mass_lr_mult, train
+
+from .conftest import tiny_preset
+
+
+def _weights(path) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in checkpoint.load(path).model.state_dict().items()}
+
+
+def test_softcap_run_keeps_every_matrix_capped_at_every_eval(tmp_path):
+    events = []
+    result = train(tiny_preset(), tmp_path / "m.safetensors", on_event=events.append)
+    evals = [e for e in events if e["type"] == "eval"]
+    assert [e["step"] for e in evals] == [3, 6]
+    assert all(e["max_sigma"] <= 1.0 * (1 + 1e-3) for e in evals)
+    ckpt = checkpoint.load(result.checkpoint)
+    for name, p in ckpt.model.named_parameters():
+        if name.startswith("embed"):
+            assert float(p.detach().pow(2).mean(dim=-1).sqrt().max()) <= 1 + 1e-5
+        else:
+            assert float(rms_norm_exact(p)) <= 1.0 * (1 + 1e-3), name
+    assert ckpt.step == 6 and ckpt.train_config["method"] == "softcap"
+    assert 0.0 < ckpt.metrics["val_acc"] < 1.0
+    log = [json.loads(line) for line in (tmp_path / "m.safetensors.log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in log] == [3, 6]
+
+
+def test_loss_falls_on_real_text(tmp_path):
+    result = train(tiny_preset(**{"train.steps": 30, "train.eval_every": 30}), tmp_path / "m.safetensors")
+    assert result.history[-1]["val_loss"] < 3.3  # log(65) = 4.17 at chance
+
+
+def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path):
+    preset = tiny_preset()
+    full = train(preset, tmp_path / "full.safetensors")
+
+    def interrupt(event):
+        if event["type"] == "step" and event["step"] == 4:
+            raise KeyboardInterrupt
+
+    path = tmp_path / "cut.safetensors"
+    with pytest.raises(TrainingError, match="step 3: continue with --resume"):
+        train(preset, path, on_event=interrupt)
+    assert checkpoint.load(path).step == 3
+    resumed = train(preset, path, resume=True)
+    assert resumed.step == 6
+    a, b = _weights(full.checkpoint), _weights(path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics["val_loss"] == pytest.approx(full.metrics["val_loss"], rel=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    import lipcli.training as train_module
+
+    path = tmp_path / "m.safetensors"
+    real = train_module.loss_and_correct
+    calls = {"n": 0}
+
+    def poisoned(model, x, y):
+        loss, correct = real(model, x, y)
+        calls["n"] += model.training
+        return (loss * float("nan"), correct) if calls["n"] == 5 and model.training else (loss, correct)
+
+    monkeypatch.setattr(train_module, "loss_and_correct", poisoned)
+    with pytest.raises(TrainingError, match="NaN/inf at step 4.*step 3"):
+        train(tiny_preset(), path)
+    saved = checkpoint.load(path)
+    assert saved.step == 3
+    assert all(torch.isfinite(p).all() for p in saved.model.parameters())
+
+
+def test_non_finite_validation_loss_is_not_saved(tmp_path, monkeypatch):
+    import lipcli.training as train_module
+
+    path = tmp_path / "m.safetensors"
+    train(tiny_preset(), path)
+    before = path.read_bytes()
+    monkeypatch.setattr(train_module, "evaluate", lambda *a: {"val_loss": float("inf"), "val_acc": 0.0})
+    with pytest.raises(TrainingError, match="validation loss"):
+        train(tiny_preset(), path)
+    assert path.read_bytes() == before
+
+
+def test_baseline_and_mlp_presets_train(tmp_path):
+    base = train(tiny_preset("shakespeare-baseline", **{"train.warmup": 2}), tmp_path / "b.safetensors")
+    assert checkpoint.load(base.checkpoint).arch == "baseline-gpt"
+    preset = load_preset("mlp-digits")
+    from lipcli.presets import apply_overrides
+
+    mlp = train(apply_overrides(preset, {"train.steps": 60, "train.eval_every": 60}), tmp_path / "d.safetensors")
+    assert mlp.metrics["val_acc"] > 0.8
+    assert mlp.metrics["max_sigma"] <= 3.0 * (1 + 1e-3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "words"),
+    [
+        ({"train.sigma_max": 0.0}, ValueError, "sigma-max must be > 0"),
+        ({"train.optimizer": "adamw", "train.method": "softcap"}, ValueError, "only Muon"),
+        ({"train.method": "clip"}, ValueError, "unknown constraint method"),
+        ({"train.data": "/nonexistent/corpus.txt"}, DataError, "not found"),
+        ({"model.context": 10**7}, DataError, "too short"),
+    ],
+)
+def test_bad_input_fails_before_writing(tmp_path, overrides, error, words):
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(error, match=words):
+        train(tiny_preset(**overrides), path)
+    assert not path.exists()
+
+
+def test_unknown_preset_and_override_name_the_choices():
+    with pytest.raises(PresetError, match="shakespeare-cpu"):
+        load_preset("shakespeare-gpu")
+    with pytest.raises(PresetError, match="unknown setting"):
+        tiny_preset(**{"train.learning_rate": 1})
+
+
+def test_schedule_and_mass_allocation():
+    t = load_preset().train
+    assert lr_factor(0, t) == 1.0 and lr_factor(t.steps, t) == 0.0
+    mult = mass_lr_mult(16.0)
+    assert mult["attn_qk"] == pytest.approx(0.889, abs=1e-3)
+    assert mult["mlp_in"] == pytest.approx(0.296, abs=1e-3)
+    assert mult["embed"] == pytest.approx(0.0556, abs=1e-4)
