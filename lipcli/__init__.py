@@ -1,6 +1,6 @@
 """lipcli: train transformers with enforced Lipschitz bounds, then certify, attack and profile them."""
 
-from .certification import certify_model as certify
+from .certification import certify
 from .checkpoint import load
 from .training import train
 

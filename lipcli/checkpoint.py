@@ -165,7 +165,7 @@ def save(
     if clashes:
         raise ValueError(f"extra metadata keys clash with reserved ones: {', '.join(clashes)}")
     train_config = train_config or {}
-    norms = {name: float(rms_norm_exact(param)) for name, param in model.named_parameters() if param.dim() == 2}
+    norms = {name: float(rms_norm_exact(param).max()) for name, param in model.named_parameters() if param.dim() >= 2}
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),

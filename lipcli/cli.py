@@ -132,12 +132,13 @@ def train(
         raise _fail(str(exc), 1) from None
     except USER_ERRORS as exc:
         raise _fail(str(exc), 2) from None
-    from .certification import certify_model
+    from .certification import certify
 
-    bound = certify_model(result.checkpoint)
+    bound = certify(result.checkpoint)
     summary = {"checkpoint": str(result.checkpoint), "preset": chosen.name, "method": t.method,
                "optimizer": t.optimizer, "sigma_max": t.sigma_max, **result.metrics,
-               "log10_bound": bound.log10_bound, "bound_norm": bound.norm_pair}  # fmt: skip
+               "log10_bound": bound.log10_bound, "log10_bound_paper": bound.log10_paper,
+               "bound_norm": bound.norm_pair}  # fmt: skip
     if as_json:
         _print_json(summary)
         return
@@ -205,6 +206,81 @@ def _fmt_bound(log10_bound: float) -> str:
     if not math.isfinite(log10_bound):
         return "unbounded"
     return f"{10**log10_bound:.4g}" if log10_bound < 6 else f"10^{log10_bound:.1f}"
+
+
+@app.command("certify")
+def certify_command(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A lipcli .safetensors checkpoint.")],
+    power_iters: Annotated[
+        int | None,
+        typer.Option(help="Faster: certified Gram-iteration upper bounds on the norms instead of exact SVDs."),
+    ] = None,
+    fail_above: Annotated[
+        float | None, typer.Option(help="Exit 1 when the tightest sound bound exceeds this (a CI gate).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """Prove an upper bound on the model's Lipschitz constant from its stored weights (paper and tight)."""
+    from .certification import certify
+
+    if power_iters is not None and power_iters < 1:
+        raise _fail("--power-iters must be >= 1", 2)
+    if fail_above is not None and fail_above <= 0:
+        raise _fail("--fail-above must be > 0", 2)
+    try:
+        report = certify(checkpoint_path, power_iters)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc), 2) from None
+    failed = fail_above is not None and report.log10_bound > math.log10(fail_above)
+    if as_json:
+        _print_json({**_report_dict(report), "fail_above": fail_above, "passed": not failed})
+    else:
+        _render_certificate(report)
+    if failed:
+        stderr.print(f"bound {_fmt_bound(report.log10_bound)} exceeds --fail-above {fail_above:g}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _report_dict(report) -> dict[str, Any]:
+    return {
+        "checkpoint": report.path,
+        "arch": report.arch,
+        "norm_pair": report.norm_pair,
+        "norm_method": report.norm_method,
+        "log10_bound": report.log10_bound,
+        "log10_paper": report.log10_paper,
+        "log10_tight": report.log10_tight,
+        "bound": _fmt_bound(report.log10_bound),
+        "unbounded_reason": report.unbounded_reason,
+        "modules": [row.__dict__ for row in report.rows],
+        "metadata_disagreements": {k: {"recorded": a, "measured": b} for k, (a, b) in report.disagreements.items()},
+        "seconds": report.seconds,
+    }
+
+
+def _render_certificate(report) -> None:
+    table = Table(title=f"lipcli certify: {report.path}")
+    for column in ("module", "weight norms", "L paper", "L tight", "running paper", "running tight"):
+        table.add_column(column, justify="left" if column in ("module", "weight norms") else "right")
+    for row in report.rows:
+        norms = " ".join(f"{k}={v:.3g}" for k, v in row.terms.items() if k.startswith("n"))
+        table.add_row(
+            row.name,
+            norms,
+            _fmt_bound(row.log10_paper),
+            _fmt_bound(row.log10_tight),
+            _fmt_bound(row.log10_running_paper),
+            _fmt_bound(row.log10_running_tight),
+        )
+    stdout.print(table)
+    if report.unbounded_reason:
+        stdout.print(f"[bold]unbounded:[/] {report.unbounded_reason}")
+    stdout.print(
+        f"bound (tight): [bold]{_fmt_bound(report.log10_tight)}[/]   paper: {_fmt_bound(report.log10_paper)}   "
+        f"norm: {report.norm_pair}   norms: {report.norm_method}   {report.seconds:.2f} s"
+    )
+    for name, (recorded, measured) in report.disagreements.items():
+        stdout.print(f"[yellow]metadata disagrees:[/] {name} recorded {recorded:.6g}, measured {measured:.6g}")
 
 
 @app.command("presets")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn import MLP, Attention, Bound, Embedding, Linear, NormOf, Residual, log10
+from .nn import MLP, Attention, Bound, Embedding, HeadLinear, Linear, NormOf, Residual, log10
 from .optim import Group
 
 
@@ -45,7 +45,7 @@ class MLPConfig:
 def _init(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, (Linear, Embedding)):
+        if isinstance(module, (Linear, HeadLinear, Embedding)):
             module.reset_parameters(generator)
 
 
@@ -54,7 +54,7 @@ def _collect_groups(
 ) -> list[Group]:
     by_name: dict[str, list[nn.Parameter]] = {}
     for module in model.modules():
-        if isinstance(module, (Linear, Embedding)):
+        if isinstance(module, (Linear, HeadLinear, Embedding)):
             by_name.setdefault(module.group, []).append(module.weight)
     return [
         Group(
@@ -104,17 +104,17 @@ class LipschitzGPT(nn.Module):
     def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
         return _collect_groups(self, caps, sigma_max, lr_mult)
 
-    def bound(self, norm_of: NormOf) -> list[tuple[str, Bound]]:
-        """Per-module certificates in data order, starting from unit-RMS embeddings."""
+    def bound(self, norm_of: NormOf, tight: bool = False) -> list[tuple[str, Bound]]:
+        """Per-module certificates in data order, for token embeddings of RMS <= the embedding's largest row."""
         rows: list[tuple[str, Bound]] = []
         r = self.embed.max_row_rms()
         rows.append(("embed", Bound(0.0, r, {"max_row_rms": r})))
         for i, block in enumerate(self.blocks):
             for name, module in (("attn", block.attn), ("mlp", block.mlp)):
-                b = module.bound(r, norm_of)
+                b = module.bound(r, norm_of, tight)
                 rows.append((f"block{i}.{name}", b))
                 r = b.out_norm
-        head = self.head.bound(r, norm_of)
+        head = self.head.bound(r, norm_of, tight)
         scale = self.config.final_scale
         rows.append(("head", Bound(head.log10_lipschitz + log10(scale), head.out_norm * scale, head.terms)))
         return rows
@@ -195,11 +195,11 @@ class LipschitzMLP(nn.Module):
     def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
         return _collect_groups(self, caps, sigma_max, lr_mult)
 
-    def bound(self, norm_of: NormOf) -> list[tuple[str, Bound]]:
+    def bound(self, norm_of: NormOf, tight: bool = False) -> list[tuple[str, Bound]]:
         """L2 -> L2: the product of spectral norms (RMS->RMS norm times sqrt(fan_out / fan_in)); ReLU is 1-Lipschitz."""
         rows = []
         for i, layer in enumerate(self.layers):
-            n = norm_of(layer.weight)
+            n = float(norm_of(layer.weight))
             fan_out, fan_in = layer.weight.shape
             rows.append((f"layer{i}", Bound(log10(n * math.sqrt(fan_out / fan_in)), math.nan, {"norm": n})))
         rows.append(("final_scale", Bound(log10(self.config.final_scale), math.nan, {})))

@@ -1,8 +1,10 @@
 """Layers that know their own Lipschitz constant and how they grow the norm of their input (Modula's idea).
 
-Every bound is in per-token RMS norms, for inputs whose RMS is at most ``in_norm``. Lipschitz
-constants are carried as log10 so products of hundreds of layers never overflow. Weight norms come
-from a ``norm_of`` function (certify passes the exact float64 RMS->RMS norm), never from metadata.
+Every bound is in the per-token RMS norm, max over positions (``||X|| = max_t RMS(x_t)``), for inputs
+whose tokens all have RMS <= ``in_norm``. Lipschitz constants are carried as log10 so products of
+hundreds of layers never overflow. Weight norms come from a ``norm_of`` function (certify passes the
+exact float64 RMS->RMS norm), never from metadata. ``bound(..., tight=False)`` is the paper's
+composition; ``tight=True`` the refinement derived in docs/certify.md.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from torch import Tensor, nn
 
 from .spectral import rms_scale
 
-NormOf = Callable[[Tensor], float]
+# RMS->RMS operator norm of each matrix in a [..., fan_out, fan_in] tensor (certify: exact, float64).
+NormOf = Callable[[Tensor], Tensor]
 GELU_MAX_SLOPE = 1.1289  # max of d/dx GeLU(x): dividing by it makes the activation 1-Lipschitz
 ATTENTION_OUT_FACTOR = 1.0 / 3.0  # the reference architecture's 1/3 on the attention output
 
@@ -58,9 +61,33 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight)
 
-    def bound(self, in_norm: float, norm_of: NormOf) -> Bound:
-        n = norm_of(self.weight)
+    def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
+        n = float(norm_of(self.weight))
         return Bound(log10(n), n * in_norm, {"norm": n})
+
+
+class HeadLinear(nn.Module):
+    """Per-head projection with weight [n_heads, head_dim, fan_in]: each head's slice is its own capped matrix.
+
+    Capping each slice (as Modula does) rather than the stacked [d, d] matrix is what bounds every
+    head's attention logits by the input norm: a stacked cap lets one head carry all the energy.
+    """
+
+    def __init__(self, fan_in: int, n_heads: int, head_dim: int, group: str) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(n_heads, head_dim, fan_in))
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Each head: orthonormal rows scaled to RMS->RMS norm 1."""
+        with torch.no_grad():
+            gaussian = torch.randn(self.weight.shape, generator=generator)
+            q, _ = torch.linalg.qr(gaussian.mT)
+            self.weight.copy_(q.mT * rms_scale(self.weight))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, T, fan_in] -> [B, n_heads, T, head_dim]."""
+        return torch.einsum("btd,hed->bhte", x, self.weight)
 
 
 class Embedding(nn.Module):
@@ -109,33 +136,47 @@ class Attention(nn.Module):
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.softmax_scale = softmax_scale
-        self.q = Linear(d_model, d_model, "attn_qk")
-        self.k = Linear(d_model, d_model, "attn_qk")
-        self.v = Linear(d_model, d_model, "attn_v")
+        self.q = HeadLinear(d_model, n_heads, self.head_dim, "attn_qk")
+        self.k = HeadLinear(d_model, n_heads, self.head_dim, "attn_qk")
+        self.v = HeadLinear(d_model, n_heads, self.head_dim, "attn_v")
         self.o = Linear(d_model, d_model, "attn_out", zero_init=zero_init)
         self.rotary = Rotary(self.head_dim)
 
-    def _heads(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-
     def forward(self, x: Tensor) -> Tensor:
-        q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
-        q, k = self.rotary(q), self.rotary(k)
+        q, k, v = self.rotary(self.q(x)), self.rotary(self.k(x)), self.v(x)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale / self.head_dim)
         y = y.transpose(1, 2).reshape(x.shape)
         return self.o(y * ATTENTION_OUT_FACTOR)
 
-    def bound(self, in_norm: float, norm_of: NormOf) -> Bound:
-        """The paper's bound: (n_o/3)(n_v + 2 n_v r^2 n_q n_k s); output RMS <= (n_o n_v / 3) r.
+    def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
+        """Lipschitz constant and output norm on inputs whose tokens have RMS <= in_norm.
 
-        softmax_scale multiplies the query/key term only (the reference applies it to all of it).
+        paper: (n_o/3)(n_v + 2 n_v r^2 n_q n_k s), output (n_o n_v / 3) r, with n_x the largest
+        per-head norm (softmax_scale on the query/key term only; the reference applies it to all).
+        tight: per-head value path min(sum_h ||O_h V_h||, ||O|| sqrt(sum_h ||V_h||^2)) / 3 and per-head
+        query/key terms, combined the same way; see docs/certify.md for the derivation.
         """
-        n_q, n_k, n_v, n_o = (norm_of(m.weight) for m in (self.q, self.k, self.v, self.o))
-        qk_term = 2.0 * n_v * in_norm**2 * n_q * n_k * self.softmax_scale
-        lip = n_o * ATTENTION_OUT_FACTOR * (n_v + qk_term)
-        terms = {"n_q": n_q, "n_k": n_k, "n_v": n_v, "n_o": n_o}
-        return Bound(log10(lip), n_o * n_v * ATTENTION_OUT_FACTOR * in_norm, terms)
+        r, s = in_norm, self.softmax_scale
+        n_q, n_k, n_v = (norm_of(m.weight) for m in (self.q, self.k, self.v))
+        n_o = float(norm_of(self.o.weight))
+        terms = {"n_q": float(n_q.max()), "n_k": float(n_k.max()), "n_v": float(n_v.max()), "n_o": n_o}
+        if not tight:
+            value = n_o * terms["n_v"] * ATTENTION_OUT_FACTOR
+            qk = value * 2.0 * r**2 * terms["n_q"] * terms["n_k"] * s
+            return Bound(log10(value + qk), value * r, terms)
+        # Spectral norms from RMS->RMS ones: a [d_head, d] slice has sigma = n / sqrt(H), a [d, d_head] one n sqrt(H).
+        heads = math.sqrt(self.n_heads)
+        sig_q, sig_k, sig_v = n_q / heads, n_k / heads, n_v / heads
+        out_heads = self.o.weight.detach().to(n_v.dtype).view(-1, self.n_heads, self.head_dim).transpose(0, 1)
+        sig_o_heads = norm_of(out_heads) * heads
+        sig_ov = norm_of(out_heads @ self.v.weight.detach().to(n_v.dtype))  # [d, d]: RMS->RMS norm = sigma
+        value = ATTENTION_OUT_FACTOR * min(float(sig_ov.sum()), n_o * float(sig_v.pow(2).sum().sqrt()))
+        per_head_qk = 2.0 * s * self.n_heads * sig_q * sig_k * sig_v * r**2
+        qk = ATTENTION_OUT_FACTOR * min(
+            float((sig_o_heads * per_head_qk).sum()), n_o * float(per_head_qk.pow(2).sum().sqrt())
+        )
+        terms.update({"value_path": value, "qk_path": qk})
+        return Bound(log10(value + qk), value * r, terms)
 
 
 class MLP(nn.Module):
@@ -149,9 +190,9 @@ class MLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc_out(F.gelu(self.fc_in(x)) / GELU_MAX_SLOPE)
 
-    def bound(self, in_norm: float, norm_of: NormOf) -> Bound:
+    def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
         """Lipschitz n_out n_in (activation slope 1); |GeLU(x)| <= |x| gives output RMS <= n_out n_in r / 1.1289."""
-        n_in, n_out = norm_of(self.fc_in.weight), norm_of(self.fc_out.weight)
+        n_in, n_out = float(norm_of(self.fc_in.weight)), float(norm_of(self.fc_out.weight))
         return Bound(log10(n_in * n_out), n_in * n_out * in_norm / GELU_MAX_SLOPE, {"n_in": n_in, "n_out": n_out})
 
 
@@ -165,8 +206,8 @@ class Residual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return (1.0 - self.a) * x + self.a * self.inner(x)
 
-    def bound(self, in_norm: float, norm_of: NormOf) -> Bound:
-        inner = self.inner.bound(in_norm, norm_of)
+    def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
+        inner = self.inner.bound(in_norm, norm_of, tight)
         log_lip = _log10_affine(1.0 - self.a, self.a, inner.log10_lipschitz)
         out = (1.0 - self.a) * in_norm + self.a * inner.out_norm
         return Bound(log_lip, out, {**inner.terms, "inner_log10_lipschitz": inner.log10_lipschitz})

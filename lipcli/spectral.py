@@ -26,8 +26,14 @@ def rms_scale(weight: Tensor) -> float:
 
 
 def rms_norm_exact(weight: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
-    """Exact RMS->RMS operator norm (per matrix for batched input), computed in ``dtype``."""
-    sigma = torch.linalg.matrix_norm(weight.detach().to(dtype), ord=2)
+    """Exact RMS->RMS operator norm (per matrix for batched input), computed in ``dtype``.
+
+    sigma_1 = sqrt(largest eigenvalue of the smaller Gram): several times faster than an SVD on
+    tall matrices such as a 50k-token embedding, and exact to the dtype's rounding.
+    """
+    w = weight.detach().to(dtype)
+    gram = w.mT @ w if w.shape[-2] >= w.shape[-1] else w @ w.mT
+    sigma = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0.0).sqrt()
     return sigma / rms_scale(weight)
 
 

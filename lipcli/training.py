@@ -182,9 +182,9 @@ def evaluate(model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], autocas
 def max_weight_norm(model: nn.Module) -> float:
     """Largest RMS->RMS norm over the model's weight matrices (exact; embeddings excluded)."""
     norms = [
-        float(rms_norm_exact(p, dtype=torch.float32))
+        float(rms_norm_exact(p, dtype=torch.float32).max())
         for n, p in model.named_parameters()
-        if p.dim() == 2 and "embed" not in n
+        if p.dim() >= 2 and "embed" not in n
     ]
     return max(norms, default=0.0)
 

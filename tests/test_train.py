@@ -27,7 +27,7 @@ def test_softcap_run_keeps_every_matrix_capped_at_every_eval(tmp_path):
         if name.startswith("embed"):
             assert float(p.detach().pow(2).mean(dim=-1).sqrt().max()) <= 1 + 1e-5
         else:
-            assert float(rms_norm_exact(p)) <= 1.0 * (1 + 1e-3), name
+            assert float(rms_norm_exact(p).max()) <= 1.0 * (1 + 1e-3), name
     assert ckpt.step == 6 and ckpt.train_config["method"] == "softcap"
     assert 0.0 < ckpt.metrics["val_acc"] < 1.0
     log = [json.loads(line) for line in (tmp_path / "m.safetensors.log.jsonl").read_text().splitlines()]

@@ -1,0 +1,166 @@
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lipcli import checkpoint
+from lipcli.certification import certify, certify_loaded, exact_norm
+from lipcli.cli import app
+from lipcli.constraints import CapContext, project
+from lipcli.models import build_model
+from lipcli.sensitivity import measure_sensitivity
+
+runner = CliRunner()
+
+
+def _gpt(**config) -> torch.nn.Module:
+    base = {"vocab_size": 11, "d_model": 16, "n_layers": 2, "n_heads": 2, "context": 6, "zero_init": False}
+    return build_model("lipschitz-gpt", {**base, **config})
+
+
+def _cap(model: torch.nn.Module, sigma_max: float) -> torch.nn.Module:
+    """Random weights pushed to the cap: the worst case the training guarantee allows."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("embed"):
+                p.copy_(project(torch.randn(p.shape, generator=gen) * 3, "svd", CapContext(sigma_max)))
+    return model
+
+
+def _bounds(model: torch.nn.Module) -> tuple[float, float]:
+    paper = sum(b.log10_lipschitz for _, b in model.bound(exact_norm, tight=False))
+    tight = sum(b.log10_lipschitz for _, b in model.bound(exact_norm, tight=True))
+    return 10**paper, 10**tight
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"softmax_scale": 1.0},
+        {"softmax_scale": 8.0, "final_scale": 4.0},
+        {"softmax_scale": 30.0, "n_heads": 4, "residual_scale": 2.0},
+    ],
+)
+def test_gpt_bounds_exceed_measured_sensitivity(config):
+    model = _cap(_gpt(**config), sigma_max=1.0).double()
+    paper, tight = _bounds(model)
+    assert tight <= paper * (1 + 1e-12)
+    radius = model.embed.max_row_rms()
+    measured = measure_sensitivity(
+        model.forward_embeddings, (6, 16), "seq-rms", radius=radius, restarts=2, steps=60, batch=8, seed=0
+    )
+    best = max(measured.best_ratio, measured.local_ratio)
+    assert 0 < best <= tight, (best, tight)
+    assert best > tight / 1e3  # the search must find something of the bound's order, or it tested nothing
+
+
+def test_mlp_bound_exceeds_measured_sensitivity():
+    model = build_model("lipschitz-mlp", {"input_dim": 12, "hidden": 16, "n_layers": 3, "num_classes": 5})
+    model = _cap(model, sigma_max=2.0).double()
+    paper, tight = _bounds(model)
+    measured = measure_sensitivity(model, (12,), "l2", restarts=2, steps=60, batch=8, seed=0)
+    assert 0 < max(measured.best_ratio, measured.local_ratio) <= tight <= paper * (1 + 1e-12)
+
+
+def test_orthogonal_linear_mlp_gets_its_exact_constant():
+    """One orthogonal layer then any layer: ReLU is the identity on the positive orthant, so L = sigma(W2)."""
+    model = build_model("lipschitz-mlp", {"input_dim": 8, "hidden": 8, "n_layers": 2, "num_classes": 3})
+    with torch.no_grad():
+        model.layers[0].weight.copy_(torch.eye(8))
+        model.layers[1].weight.copy_(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)))
+    _, tight = _bounds(model.double())
+    assert tight == pytest.approx(float(torch.linalg.svdvals(model.layers[1].weight)[0]), rel=1e-9)
+
+
+def test_linear_residual_gpt_gets_its_exact_constant():
+    """q = k = 0, W_o V = 3c I, MLP off: each block is x -> (1 - a) x + a c mean(x); L is the product, exactly."""
+    model = _gpt(n_heads=1, n_layers=2, final_scale=2.0).double()
+    c, a = 0.8, 1.0 / 4
+    with torch.no_grad():
+        for block in model.blocks:
+            attn, mlp = block.attn.inner, block.mlp.inner
+            attn.q.weight.zero_()
+            attn.k.weight.zero_()
+            attn.v.weight.copy_(torch.eye(16, dtype=torch.float64).unsqueeze(0))
+            attn.o.weight.copy_(3 * c * torch.eye(16, dtype=torch.float64))
+            mlp.fc_out.weight.zero_()
+        model.head.weight.copy_(torch.eye(11, 16) * 0.5)
+    expected = ((1 - a + a * c) * (1 - a)) ** 2 * 2.0 * 0.5 * math.sqrt(16 / 11)
+    paper, tight = _bounds(model)
+    assert paper == pytest.approx(expected, rel=1e-9)
+    assert tight == pytest.approx(expected, rel=1e-9)
+    # A uniform shift along the head's top singular direction attains it.
+    x = torch.zeros(1, 6, 16, dtype=torch.float64)
+    dx = torch.zeros_like(x)
+    dx[..., 0] = 0.1
+    moved = model.forward_embeddings(x + dx) - model.forward_embeddings(x)
+    ratio = float(moved.pow(2).mean(-1).sqrt().max() / dx.pow(2).mean(-1).sqrt().max())
+    assert ratio == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["blocks.0.attn.inner.v.weight", "blocks.1.mlp.inner.fc_in.weight", "head.weight"])
+def test_scaling_a_matrix_up_never_lowers_the_bound(name):
+    model = _cap(_gpt(), sigma_max=1.0).double()
+    before = _bounds(model)
+    with torch.no_grad():
+        dict(model.named_parameters())[name].mul_(1.5)
+    after = _bounds(model)
+    assert after[0] > before[0] and after[1] > before[1]
+
+
+def _saved(tmp_path, model, name="m.safetensors"):
+    return checkpoint.save(tmp_path / name, model, train_config={"method": "svd", "sigma_max": 1.0})
+
+
+def test_power_iteration_mode_is_sound(tmp_path):
+    path = _saved(tmp_path, _cap(_gpt(), 1.0))
+    exact, fast = certify(path), certify(path, power_iters=4)
+    assert fast.log10_tight >= exact.log10_tight - 1e-12
+    assert fast.log10_tight - exact.log10_tight < 0.5
+
+
+def test_metadata_disagreement_is_reported_not_trusted(tmp_path):
+    model = _cap(_gpt(), 1.0)
+    path = _saved(tmp_path, model)
+    ckpt = checkpoint.load(path)
+    ckpt.spectral_norms["head.weight"] = 0.01
+    report = certify_loaded(ckpt)
+    assert "head.weight" in report.disagreements
+    assert report.log10_tight == pytest.approx(certify(path).log10_tight)
+
+
+def test_cli_certify_table_json_and_gate(tmp_path):
+    path = _saved(tmp_path, _cap(_gpt(final_scale=3.0), 1.0))
+    table = runner.invoke(app, ["certify", str(path)])
+    assert table.exit_code == 0, table.output
+    assert "block1.attn" in table.stdout and "per-token RMS" in table.stdout
+    result = runner.invoke(app, ["certify", str(path), "--json"])
+    report = json.loads(result.stdout)
+    bound = 10 ** report["log10_bound"]
+    assert report["log10_tight"] <= report["log10_paper"]
+    assert runner.invoke(app, ["certify", str(path), "--fail-above", str(bound * 1.01)]).exit_code == 0
+    gated = runner.invoke(app, ["certify", str(path), "--fail-above", str(bound * 0.99), "--json"])
+    assert gated.exit_code == 1 and json.loads(gated.stdout)["passed"] is False
+
+
+def test_cli_certify_errors_and_unbounded_baseline(tmp_path):
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["certify", str(broken)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    base = build_model("baseline-gpt", {"vocab_size": 11, "d_model": 16, "n_layers": 1, "n_heads": 2, "context": 6})
+    path = _saved(tmp_path, base, "base.safetensors")
+    report = json.loads(runner.invoke(app, ["certify", str(path), "--json"]).stdout)
+    assert report["log10_bound"] is None and "RMSNorm" in report["unbounded_reason"]
+    assert runner.invoke(app, ["certify", str(path), "--fail-above", "1e300"]).exit_code == 1
+
+
+def test_huge_bounds_stay_finite_in_log_space(tmp_path):
+    model = _cap(_gpt(n_layers=6, softmax_scale=1e6, final_scale=1e250), sigma_max=50.0)
+    report = certify(_saved(tmp_path, model))
+    assert math.isfinite(report.log10_tight) and report.log10_tight > 300
+    table = runner.invoke(app, ["certify", str(tmp_path / "m.safetensors")])
+    assert "10^" in table.stdout
