@@ -64,43 +64,47 @@ def train(
         str | None,
         typer.Option(
             help="Weight constraint: none, wd, spec-wd, normalize, hammer, softcap, hardcap, svd "
-            f"[preset: {_D.method}]."
+            f"(preset: {_D.method})."
         ),
     ] = None,
     sigma_max: Annotated[
         float | None,
         typer.Option(
-            help=f"Cap on every weight matrix's RMS->RMS operator norm (the paper's w_max) [preset: {_D.sigma_max:g}]."
+            help=f"Cap on every weight matrix's RMS->RMS operator norm (the paper's w_max) (preset: {_D.sigma_max:g})."
         ),
     ] = None,
-    optimizer: Annotated[str | None, typer.Option(help=f"muon or adamw [preset: {_D.optimizer}].")] = None,
-    lr: Annotated[float | None, typer.Option(help=f"Peak learning rate [preset: {_D.lr:g}].")] = None,
-    wd: Annotated[float | None, typer.Option(help=f"Decoupled weight decay [preset: {_D.wd:g}].")] = None,
-    steps: Annotated[int | None, typer.Option(help=f"Optimizer steps [preset: {_D.steps}].")] = None,
+    optimizer: Annotated[str | None, typer.Option(help=f"muon or adamw (preset: {_D.optimizer}).")] = None,
+    lr: Annotated[float | None, typer.Option(help=f"Peak learning rate (preset: {_D.lr:g}).")] = None,
+    wd: Annotated[float | None, typer.Option(help=f"Decoupled weight decay (preset: {_D.wd:g}).")] = None,
+    steps: Annotated[int | None, typer.Option(help=f"Optimizer steps (preset: {_D.steps}).")] = None,
     batch_size: Annotated[
-        int | None, typer.Option(help=f"Sequences (or images) per step [preset: {_D.batch_size}].")
+        int | None, typer.Option(help=f"Sequences (or images) per step (preset: {_D.batch_size}).")
     ] = None,
-    context: Annotated[int | None, typer.Option(help="Context length in tokens [preset: 128].")] = None,
+    context: Annotated[int | None, typer.Option(help="Context length in tokens (preset: 128).")] = None,
     data: Annotated[
         str | None,
         typer.Option(
-            help="Text file, dataset name, token-shard glob, or digits/cifar10 [preset: tinyshakespeare]; "
+            help="Text file, dataset name, token-shard glob, or digits/cifar10 (preset: tinyshakespeare); "
             "names resolve through $LIPCLI_DATA_DIR, the cache, then the `datasets` hub."
         ),
     ] = None,  # fmt: skip
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(help="char (a vocabulary of the corpus's characters) or gpt2 (tiktoken BPE) (preset: char)."),
+    ] = None,
     val_fraction: Annotated[
-        float | None, typer.Option(help=f"Share of the text held out for validation [preset: {_D.val_fraction:g}].")
+        float | None, typer.Option(help=f"Share of the text held out for validation (preset: {_D.val_fraction:g}).")
     ] = None,
     eval_every: Annotated[
-        int | None, typer.Option(help=f"Evaluate and checkpoint every N steps [preset: {_D.eval_every}].")
+        int | None, typer.Option(help=f"Evaluate and checkpoint every N steps (preset: {_D.eval_every}).")
     ] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Checkpoint path [runs/<preset>-<method>-<sigma>.safetensors].")
+        Path | None, typer.Option(help="Checkpoint path (default runs/<preset>-<method>-<sigma>.safetensors).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the checkpoint at --out and its .optim.pt.")] = False,
-    seed: Annotated[int | None, typer.Option(help="Seed for init and data order [preset: 0].")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for init and data order (preset: 0).")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (autocast) [preset: fp32].")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (autocast) (preset: fp32).")] = None,
     compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     set_: Annotated[
         list[str] | None,
@@ -116,8 +120,9 @@ def train(
     from .training import train as run_training
 
     options = {"method": method, "sigma_max": sigma_max, "optimizer": optimizer, "lr": lr, "wd": wd, "steps": steps,
-               "batch_size": batch_size, "data": data, "val_fraction": val_fraction, "eval_every": eval_every,
-               "seed": seed, "device": device, "dtype": dtype, "compile": compile}  # fmt: skip
+               "batch_size": batch_size, "data": data, "tokenizer": tokenizer, "val_fraction": val_fraction,
+               "eval_every": eval_every, "seed": seed, "device": device, "dtype": dtype,
+               "compile": compile}  # fmt: skip
     try:
         chosen = load_preset(preset)
         overrides = {f"train.{k}": v for k, v in options.items() if v is not None}
@@ -281,6 +286,153 @@ def _render_certificate(report) -> None:
     )
     for name, (recorded, measured) in report.disagreements.items():
         stdout.print(f"[yellow]metadata disagrees:[/] {name} recorded {recorded:.6g}, measured {measured:.6g}")
+
+
+@app.command("activations")
+def activations(
+    checkpoints: Annotated[
+        list[Path],
+        typer.Argument(metavar="CKPT...", help="lipcli checkpoints; with several, the first is the reference."),
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option(help="Text file, dataset name or digits/cifar10 instead of the checkpoint's training data."),
+    ] = None,
+    batches: Annotated[int, typer.Option(help="Validation batches to run.")] = 4,
+    batch_size: Annotated[int, typer.Option(help="Sequences (or images) per batch.")] = 16,
+    seed: Annotated[int, typer.Option(help="Seed of the subsample behind the 99.9th percentile.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    fp8: Annotated[
+        bool,
+        typer.Option("--fp8-check", help="Also rerun the val loss with every linear input and weight in fp8 e4m3."),
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG of max |entry| per site (log scale) with the fp8 limits.")
+    ] = None,
+) -> None:
+    """Where the big numbers live: max, RMS and 99.9th percentile of |activation| per site vs fp8/bf16 limits."""
+    from rich.markup import escape
+
+    from .activations import LIMITS, compare, fp8_check, plot, profile
+    from .checkpoint import load
+
+    try:
+        profiles, checks = [], []
+        for path in checkpoints:
+            ckpt = load(path)
+            options = {"data": data, "batches": batches, "batch_size": batch_size, "device": device}
+            profiles.append(profile(ckpt, seed=seed, **options))
+            checks.append(fp8_check(ckpt, **options) if fp8 else None)
+        comparison = compare(profiles) if len(profiles) > 1 else None
+        if plot_path is not None:
+            plot(profiles, plot_path)
+    except USER_ERRORS as exc:
+        raise _fail(str(exc), 2) from None
+    if as_json:
+        rows = [{**p.to_dict(), "fp8_check": c and c.to_dict()} for p, c in zip(profiles, checks, strict=True)]
+        plot_file = str(plot_path) if plot_path is not None else None
+        _print_json({"checkpoints": rows, "comparison": comparison and comparison.to_dict(), "plot": plot_file})
+        return
+    for p, check in zip(profiles, checks, strict=True):
+        table = Table(title=escape(f"lipcli activations: {p.checkpoint} ({p.arch}, {p.method or 'method unknown'})"))
+        table.add_column("site", no_wrap=True, min_width=max(len(s.site) for s in p.sites))
+        formats = ("e4m3", "e5m2")
+        for column in ("max |x|", "rms", "p99.9", *(f"max/{LIMITS[f]:g} {f}" for f in formats)):
+            table.add_column(column, justify="right")
+        for s in p.sites:
+            ratios = [f"{s.headroom[f]:.3g}" + (" [bold red]OVER[/]" if f in s.exceeds else "") for f in formats]
+            table.add_row(s.site, f"{s.max_abs:.4g}", f"{s.rms:.4g}", f"{s.p999:.4g}", *ratios)
+        stdout.print(table)
+        peak = f"peak {p.max_abs:.4g} at {p.peak.site}; {p.batches} batches, {p.samples} samples of {p.source}"
+        stdout.print(peak, markup=False, highlight=False)
+        if check is not None:
+            stdout.print(
+                f"fp8 e4m3 check ({check.layers} linear layers, scale 1): val loss {check.val_loss:.4f} -> "
+                f"{check.fp8_val_loss:.4f} ({check.loss_change:+.4f}), acc {check.val_acc:.2%} -> "
+                f"{check.fp8_val_acc:.2%}; saturated {check.clamped_inputs} inputs, {check.clamped_weights} weights",
+                markup=False,
+                highlight=False,
+            )
+    if comparison is not None:
+        table = Table(title=escape(f"max |entry| relative to {comparison.reference}"))
+        table.add_column("checkpoint", overflow="fold")
+        for column in ("arch", "method", "max |x|", "peak site", "ratio"):
+            table.add_column(column, justify="right" if column in ("max |x|", "ratio") else "left")
+        for row in comparison.rows:
+            cells = (escape(row.checkpoint), row.arch, row.method or "-", f"{row.max_abs:.4g}", row.peak_site)
+            table.add_row(*cells, f"{row.ratio:.4g}x")
+        stdout.print(table)
+    if plot_path is not None:
+        stdout.print(f"plot: {plot_path}")
+
+
+@app.command("convert")
+def convert(
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="A .safetensors, .pt/.pth or reference .npz file.")],
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="The .safetensors or .pt/.pth file to write.")],
+    to: Annotated[str | None, typer.Option(help="safetensors or pt (default: from DST's extension).")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="fp32, bf16, fp16 or fp8-e4m3 (with a per-tensor scale); default: the source's.")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(help='Config for a bare state dict: JSON (or a JSON file) {"arch": ..., model fields}.'),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Config for a bare state dict from a preset; vocab and width from the tensors.")
+    ] = None,
+    project: Annotated[
+        str | None,
+        typer.Option(help="Project every weight matrix onto --sigma-max: svd, hardcap, normalize or softcap."),
+    ] = None,
+    sigma_max: Annotated[
+        float | None, typer.Option(help="Cap on each matrix's RMS->RMS norm for --project (embeddings: unit RMS rows).")
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Measure the val loss before/after on this data (with --project: the run's).")
+    ] = None,
+    eval_batches: Annotated[int, typer.Option(help="Validation batches for the val loss (0: none).")] = 4,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Read a reference .npz (pickle can run code: trusted files only).")
+    ] = False,
+    npz_checkpoint: Annotated[
+        int | None, typer.Option(help="Which weights_checkpoint_K of a reference .npz (default: the last).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """Convert between lipcli .safetensors, .pt state dicts and the paper's .npz; cast, or project to certify."""
+    from rich.markup import escape
+
+    from .convert import convert as run_convert
+
+    try:
+        result = run_convert(src, dst, to=to, dtype=dtype, config=config, preset=preset, method=project,
+                             sigma_max=sigma_max, data=data, eval_batches=eval_batches, allow_pickle=allow_pickle,
+                             npz_checkpoint=npz_checkpoint)  # fmt: skip
+    except USER_ERRORS as exc:
+        raise _fail(str(exc), 2) from None
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    table = Table(title="lipcli convert", show_header=False)
+    rows = {
+        "src": f"{result.src} ({result.src_format})",
+        "dst": f"{result.dst} ({result.dst_format})",
+        "arch": result.arch,
+        "dtype": result.dtype,
+        "tensors": f"{result.tensors} ({result.parameters:,} values)",
+    }
+    if result.projection is not None:
+        rows["projection"] = f"{result.projection} at sigma_max {result.sigma_max:g}"
+        rows["max sigma before/after"] = f"{result.max_sigma_before:.4g} -> {result.max_sigma_after:.4g}"
+    if result.val_loss_before is not None:
+        rows["val loss before/after"] = f"{result.val_loss_before:.4f} -> {result.val_loss_after:.4f}"
+    for key, value in rows.items():
+        table.add_row(key, escape(value))  # paths may contain [brackets]
+    stdout.print(table)
+    if result.eval_note:
+        stdout.print(result.eval_note, markup=False, highlight=False)
 
 
 @app.command("presets")

@@ -210,7 +210,11 @@ def train(
     device = resolve_device(t.device)
     torch.manual_seed(t.seed)
     task = make_task(preset)
-    model_config = {**preset.model, **task.model_fields(), "seed": t.seed}
+    data_fields = task.model_fields()
+    # A preset may pad the data's vocabulary (nanogpt-145m: 50304 for GPT-2's 50257) for faster kernels.
+    if preset.model.get("vocab_size", 0) >= data_fields.get("vocab_size", math.inf):
+        del data_fields["vocab_size"]
+    model_config = {**preset.model, **data_fields, "seed": t.seed}
     model = build_model(preset.arch, model_config).to(device)
     lr_mult = {**mass_lr_mult(t.blocks_mass), **t.lr_mult}
     optimizer = build_optimizer(t.optimizer, model.groups(t.sigma_max, t.caps, lr_mult), t.lr, t.method, t.wd)

@@ -132,3 +132,32 @@ def test_schedule_and_mass_allocation():
     assert mult["attn_qk"] == pytest.approx(0.889, abs=1e-3)
     assert mult["mlp_in"] == pytest.approx(0.296, abs=1e-3)
     assert mult["embed"] == pytest.approx(0.0556, abs=1e-4)
+
+
+def test_public_api_trains_loads_and_certifies(tmp_path):
+    import lipcli
+
+    result = lipcli.train(tiny_preset(**{"train.steps": 3, "train.eval_every": 3}), tmp_path / "m.safetensors")
+    model = lipcli.load(str(result.checkpoint))
+    assert not model.training and model(torch.zeros(1, 4, dtype=torch.long)).shape == (1, 4, 65)
+    assert lipcli.certify(result.checkpoint).log10_bound < 2
+
+
+def test_token_shard_training_keeps_the_presets_padded_vocabulary(tmp_path):
+    """nanogpt-145m's path: GPT-2 token shards (llm.c format), vocabulary padded to 50304."""
+    import numpy as np
+
+    from .test_data import write_shard
+
+    gen = np.random.default_rng(0)
+    for split in ("train", "val"):
+        write_shard(tmp_path / f"tok_{split}_000.bin", gen.integers(0, 50257, 4000, dtype=np.uint16))
+    preset = tiny_preset(
+        "nanogpt-145m",
+        **{"train.data": str(tmp_path / "tok_train_*.bin"), "train.val_data": str(tmp_path / "tok_val_*.bin"),
+           "train.dtype": "fp32", "train.steps": 2, "train.eval_every": 2},
+    )  # fmt: skip
+    result = train(preset, tmp_path / "m.safetensors")
+    ckpt = checkpoint.load(result.checkpoint)
+    assert ckpt.model_config["vocab_size"] == 50304 and ckpt.tokenizer is None
+    assert result.metrics["max_sigma"] <= 1.0 * (1 + 1e-3)
