@@ -435,6 +435,74 @@ def convert(
         stdout.print(result.eval_note, markup=False, highlight=False)
 
 
+@app.command("attack")
+def attack_command(
+    checkpoint_path: Annotated[Path, typer.Argument(metavar="CKPT", help="A lipcli .safetensors checkpoint.")],
+    eps: Annotated[
+        str,
+        typer.Option(
+            help="Attack size, or a comma list (one row each): the --norm size on pixels for MLPs; for language "
+            "models the certificate's unit, the max per-token RMS of the embedding change."
+        ),
+    ],
+    norm: Annotated[
+        str, typer.Option(help="l2 or linf: the threat set (for language models both lie inside the certified ball).")
+    ] = "l2",
+    attack: Annotated[str, typer.Option(help="pgd, apgd (MLPs) or fgsm (linf), all from torchattacks.")] = "pgd",
+    steps: Annotated[int, typer.Option(help="Attack iterations (pgd, apgd).")] = 20,
+    alpha: Annotated[
+        float | None, typer.Option(help="PGD step in the units of eps (default 2.5 * eps / steps).")
+    ] = None,
+    restarts: Annotated[int, typer.Option(help="Random restarts; a prediction broken by any of them counts.")] = 1,
+    n: Annotated[
+        int | None, typer.Option("--n", help="Validation examples (default 256 images or 16 sequences).")
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="Text file, dataset name or digits/cifar10 instead of the checkpoint's training data."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the attacks' random starts.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG of clean, attacked and certified accuracy vs eps.")
+    ] = None,
+) -> None:
+    """Accuracy under attack next to certified accuracy: what PGD takes at each eps, and what provably stays."""
+    from rich.markup import escape
+
+    from .attack import SoundnessError, parse_eps, plot, robustness
+
+    try:
+        report = robustness(checkpoint_path, parse_eps(eps), norm=norm, attack=attack, steps=steps, alpha=alpha,
+                            restarts=restarts, n=n, data=data, seed=seed, device=device)  # fmt: skip
+        if plot_path is not None:
+            plot(report, plot_path)
+    except SoundnessError as exc:
+        raise _fail(str(exc), 1) from None
+    except USER_ERRORS as exc:
+        raise _fail(str(exc), 2) from None
+    if as_json:
+        _print_json({**report.to_dict(), "plot": str(plot_path) if plot_path is not None else None})
+        return
+    table = Table(title=escape(f"lipcli attack: {report.checkpoint} ({report.arch}, {report.attack} {report.norm})"))
+    for column in ("eps", "clean", "attacked", "drop", "certified", "mean |δ|", "max |δ|", "radius"):
+        table.add_column(column, justify="right")
+    for r in report.rows:
+        accuracies = (f"{v:.2%}" for v in (r.clean_acc, r.adv_acc, r.drop, r.certified_acc))
+        table.add_row(f"{r.eps:g}", *accuracies, f"{r.mean_norm:.4g}", f"{r.max_norm:.4g}", f"{r.radius:.4g}")
+    stdout.print(table)
+    lines = [
+        f"|δ| and radius: {report.certificate_norm}; threat set: {report.threat}",
+        f"certified: correct and {report.rule}, L = {_fmt_bound(report.log10_bound)}; "
+        f"{report.predictions} predictions from {report.source}; "
+        f"{report.steps} steps, {report.restarts} restart(s), {report.seconds:.1f} s",
+    ]
+    for line in [*lines, report.note or "", f"plot: {plot_path}" if plot_path is not None else ""]:
+        if line:
+            stdout.print(line, markup=False, highlight=False)
+
+
 @app.command("presets")
 def presets_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the named presets."""

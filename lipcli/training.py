@@ -233,6 +233,7 @@ def train(
     metrics: dict[str, float] = history[-1] if history else {}
     step, last_saved = start_step, start_step if resume else None
     tokens, started = 0, time.perf_counter()
+    wall_before = history[-1]["wall_s"] if history else 0.0
     model.train()
     try:
         while step < t.steps:
@@ -262,7 +263,7 @@ def train(
                     "max_sigma": max_weight_norm(model),
                     "tokens_per_s": tokens / max(elapsed, 1e-9),
                     "peak_memory_mb": _peak_memory_mb(device),
-                    "wall_s": elapsed + (history[-1]["wall_s"] if history else 0.0),
+                    "wall_s": wall_before + elapsed,
                 }
                 if not math.isfinite(metrics["val_loss"]):
                     raise TrainingError(f"validation loss is NaN/inf at step {step}; " + _kept(last_saved, out))
