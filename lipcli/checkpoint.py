@@ -290,7 +290,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid step or spectral_norms metadata: {_one_line(exc)}") from exc
     try:
-        model = build_model(arch, config_from_dict(arch, model_config))
+        model = build_model(arch, config_from_dict(arch, model_config), init=False)
     except (ValueError, TypeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: bad model_config: {_one_line(exc)}") from exc
     mismatch = _first_mismatch(path, layout, model.state_dict())

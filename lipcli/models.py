@@ -84,13 +84,14 @@ class LipschitzGPT(nn.Module):
 
     arch = "lipschitz-gpt"
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, init: bool = True) -> None:
         super().__init__()
         self.config = config
         self.embed = Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.head = Linear(config.d_model, config.vocab_size, "head", zero_init=config.zero_init)
-        _init(self, config.seed)
+        if init:
+            _init(self, config.seed)
 
     def forward_embeddings(self, x: Tensor) -> Tensor:
         """The certified map: token embeddings [B, T, d] -> logits [B, T, vocab]."""
@@ -125,7 +126,7 @@ class BaselineGPT(nn.Module):
 
     arch = "baseline-gpt"
 
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, init: bool = True) -> None:
         super().__init__()
         self.config = config
         d = config.d_model
@@ -134,7 +135,7 @@ class BaselineGPT(nn.Module):
         self.norm = nn.RMSNorm(d)
         self.head = nn.Linear(d, config.vocab_size, bias=False)
         generator = torch.Generator().manual_seed(config.seed)
-        for p in self.parameters():
+        for p in self.parameters() if init else ():
             if p.dim() == 2:
                 with torch.no_grad():
                     p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
@@ -176,13 +177,14 @@ class LipschitzMLP(nn.Module):
 
     arch = "lipschitz-mlp"
 
-    def __init__(self, config: MLPConfig) -> None:
+    def __init__(self, config: MLPConfig, init: bool = True) -> None:
         super().__init__()
         self.config = config
         dims = [config.input_dim] + [config.hidden] * (config.n_layers - 1) + [config.num_classes]
         groups = ["mlp_in"] + ["mlp_hidden"] * (config.n_layers - 2) + ["head"]
         self.layers = nn.ModuleList(Linear(i, o, g) for i, o, g in zip(dims[:-1], dims[1:], groups, strict=True))
-        _init(self, config.seed)
+        if init:
+            _init(self, config.seed)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(1)
@@ -225,10 +227,11 @@ def config_from_dict(arch: str, values: dict) -> GPTConfig | MLPConfig:
     return config_cls(**values)
 
 
-def build_model(arch: str, config: GPTConfig | MLPConfig | dict) -> nn.Module:
+def build_model(arch: str, config: GPTConfig | MLPConfig | dict, init: bool = True) -> nn.Module:
+    """The model for ``arch``; ``init=False`` leaves the weights unset for a loader to fill (no init cost)."""
     if isinstance(config, dict):
         config = config_from_dict(arch, config)
-    return ARCHITECTURES[arch][0](config)
+    return ARCHITECTURES[arch][0](config, init=init)
 
 
 def config_dict(model: nn.Module) -> dict:
