@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,6 +52,21 @@ class CertifyReport:
     def log10_bound(self) -> float:
         """The tightest sound bound: what gates and certified accuracy use."""
         return min(self.log10_paper, self.log10_tight)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "checkpoint": self.path,
+            "arch": self.arch,
+            "norm_pair": self.norm_pair,
+            "norm_method": self.norm_method,
+            "log10_bound": self.log10_bound,
+            "log10_paper": self.log10_paper,
+            "log10_tight": self.log10_tight,
+            "unbounded_reason": self.unbounded_reason,
+            "modules": [asdict(row) for row in self.rows],
+            "metadata_disagreements": {k: {"recorded": a, "measured": b} for k, (a, b) in self.disagreements.items()},
+            "seconds": self.seconds,
+        }
 
 
 def exact_norm(weight: torch.Tensor) -> torch.Tensor:

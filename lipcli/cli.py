@@ -238,29 +238,12 @@ def certify_command(
         raise _fail(str(exc), 2) from None
     failed = fail_above is not None and report.log10_bound > math.log10(fail_above)
     if as_json:
-        _print_json({**_report_dict(report), "fail_above": fail_above, "passed": not failed})
+        _print_json({**report.to_dict(), "fail_above": fail_above, "passed": not failed})
     else:
         _render_certificate(report)
     if failed:
         stderr.print(f"bound {_fmt_bound(report.log10_bound)} exceeds --fail-above {fail_above:g}", soft_wrap=True)
         raise typer.Exit(1)
-
-
-def _report_dict(report) -> dict[str, Any]:
-    return {
-        "checkpoint": report.path,
-        "arch": report.arch,
-        "norm_pair": report.norm_pair,
-        "norm_method": report.norm_method,
-        "log10_bound": report.log10_bound,
-        "log10_paper": report.log10_paper,
-        "log10_tight": report.log10_tight,
-        "bound": _fmt_bound(report.log10_bound),
-        "unbounded_reason": report.unbounded_reason,
-        "modules": [row.__dict__ for row in report.rows],
-        "metadata_disagreements": {k: {"recorded": a, "measured": b} for k, (a, b) in report.disagreements.items()},
-        "seconds": report.seconds,
-    }
 
 
 def _render_certificate(report) -> None:

@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from lipcli.presets import Preset, apply_overrides, load_preset
 
@@ -14,6 +15,15 @@ def _data_dir(monkeypatch, tmp_path):
     if "LIPCLI_DATA_DIR" not in os.environ:
         monkeypatch.setenv("LIPCLI_DATA_DIR", str(SHARED_DATA))
     monkeypatch.setenv("LIPCLI_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny batches gain nothing from threads, and on a busy 2-core machine they cost 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 TINY_GPT = {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.context": 16,

@@ -20,15 +20,6 @@ SMALL = {"batches": 2, "batch_size": 4, "device": "cpu"}
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches gain nothing from threads, and on a busy 2-core machine they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _save(path, arch, method, scale: dict[str, float] | None = None):
     model = build_model(arch, TINY)
     with torch.no_grad():

@@ -22,15 +22,6 @@ runner = CliRunner()
 CPU = {"device": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches gain nothing from threads, and on a busy 2-core machine they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A briefly trained MLP on digits, LipschitzGPT and BaselineGPT on Shakespeare (about 4 s in all)."""

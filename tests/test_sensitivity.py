@@ -10,15 +10,6 @@ TINY_GPT = {"vocab_size": 11, "d_model": 16, "n_layers": 2, "n_heads": 2, "conte
 FAST = {"restarts": 1, "steps": 40, "batch": 8}  # about a second per search on one core
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny batches gain nothing from threads, and on a busy 2-core machine they cost 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
