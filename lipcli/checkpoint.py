@@ -20,8 +20,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -32,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .files import atomic_write, one_line, strict_json
 from .models import ARCHITECTURES, build_model, config_dict, config_from_dict
 from .spectral import rms_norm_exact
 
@@ -78,56 +77,11 @@ class Checkpoint:
     path: Path
 
 
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN/inf float replaced by None, so it encodes as strict JSON."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def _to_json(value: Any) -> str:
-    return json.dumps(_finite(value), allow_nan=False)
-
-
 def _lipcli_version() -> str:
     try:
         return version("lipcli")
     except PackageNotFoundError:
         return "0+unknown"
-
-
-def _umask() -> int:
-    # The only portable way to read the umask is to set it and put it back.
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temp file in the same directory, then rename over ``path`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as f:
-        tmp = Path(f.name)
-    try:
-        write(tmp)
-        # NamedTemporaryFile creates 0600; give the checkpoint the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # the data must be on disk before the rename makes it the checkpoint
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _tensors_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -170,21 +124,21 @@ def save(
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "arch": arch,
-        "model_config": _to_json(config_dict(model)),
-        "train_config": _to_json(train_config),
-        "metrics": _to_json(metrics or {}),
+        "model_config": strict_json(config_dict(model)),
+        "train_config": strict_json(train_config),
+        "metrics": strict_json(metrics or {}),
         "step": str(int(step)),
         "lipcli_version": _lipcli_version(),
-        "tokenizer": _to_json(tokenizer),
-        "spectral_norms": _to_json(norms),
+        "tokenizer": strict_json(tokenizer),
+        "spectral_norms": strict_json(norms),
     }
     for key in QUICK_KEYS:
         if key in train_config:
             value = train_config[key]
-            metadata[key] = value if isinstance(value, str) else _to_json(value)
-    metadata.update({key: _to_json(value) for key, value in extra.items()})
+            metadata[key] = value if isinstance(value, str) else strict_json(value)
+    metadata.update({key: strict_json(value) for key, value in extra.items()})
     tensors = _tensors_for_save(model)
-    return _atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
+    return atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=metadata))
 
 
 def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int], str]]]:
@@ -200,7 +154,7 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int],
                 layout[name] = (list(tensor_slice.get_shape()), tensor_slice.get_dtype())
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(
-            f"{path}: not a readable safetensors file (truncated or corrupt?): {_one_line(exc)}"
+            f"{path}: not a readable safetensors file (truncated or corrupt?): {one_line(exc)}"
         ) from exc
     return metadata, layout
 
@@ -288,11 +242,11 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         step = int(metadata.get("step", "0"))
         spectral_norms = {name: math.nan if v is None else float(v) for name, v in norms.items()}
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid step or spectral_norms metadata: {_one_line(exc)}") from exc
+        raise CheckpointError(f"{path}: invalid step or spectral_norms metadata: {one_line(exc)}") from exc
     try:
         model = build_model(arch, config_from_dict(arch, model_config), init=False)
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: bad model_config: {_one_line(exc)}") from exc
+        raise CheckpointError(f"{path}: bad model_config: {one_line(exc)}") from exc
     mismatch = _first_mismatch(path, layout, model.state_dict())
     if mismatch:
         raise CheckpointError(mismatch)
@@ -302,7 +256,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     try:
         model.load_state_dict(safetensors.torch.load_file(path), strict=True)
     except (SafetensorError, OSError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: could not load the weights: {_one_line(exc)}") from exc
+        raise CheckpointError(f"{path}: could not load the weights: {one_line(exc)}") from exc
     return Checkpoint(
         model=model.to(device).eval(),
         arch=arch,
@@ -330,7 +284,7 @@ def save_optimizer(path: str | os.PathLike[str], optimizer_state: dict, extra: d
     back with ``weights_only=True``.
     """
     payload = {"format_version": FORMAT_VERSION, "optimizer": optimizer_state, "extra": extra}
-    return _atomic_write(optimizer_path(path), lambda tmp: torch.save(payload, tmp))
+    return atomic_write(optimizer_path(path), lambda tmp: torch.save(payload, tmp))
 
 
 def load_optimizer(path: str | os.PathLike[str]) -> dict:
@@ -343,7 +297,7 @@ def load_optimizer(path: str | os.PathLike[str]) -> dict:
     try:
         payload = torch.load(optim, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{optim}: unreadable optimizer state: {_one_line(exc)}") from exc
+        raise CheckpointError(f"{optim}: unreadable optimizer state: {one_line(exc)}") from exc
     if not (isinstance(payload, dict) and {"format_version", "optimizer", "extra"} <= set(payload)):
         raise CheckpointError(f"{optim}: not a lipcli optimizer-state file")
     format_version = payload["format_version"]

@@ -6,7 +6,6 @@ Exit codes: 0 success; 1 the job ran but failed (diverged, interrupted, a --fail
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from rich.table import Table
 
 from .checkpoint import CheckpointError
 from .data import DataError
+from .files import strict_json
 from .presets import DEFAULT_PRESET, PresetError, apply_overrides, available, load_preset, parse_set_options
 
 app = typer.Typer(
@@ -38,18 +38,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 
 
 def _print_json(obj: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(_finite(obj), allow_nan=False) + "\n")
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf are not JSON: carry them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    return obj
+    sys.stdout.write(strict_json(obj) + "\n")
 
 
 _D = load_preset(DEFAULT_PRESET).train

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .constraints import CapContext, get_method, project
 from .data import DataError
+from .files import atomic_write, one_line
 from .models import build_model, config_dict, config_from_dict
 from .nn import Embedding, HeadLinear, Linear
 from .optim import cap_embedding_rows
@@ -94,11 +95,6 @@ class _Source:
     tokenizer: dict | None
     extra: dict[str, Any]
     dtype: str
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def format_of(path: Path, role: str) -> str:
@@ -164,7 +160,7 @@ def _header(path: Path) -> dict[str, str]:
         with safe_open(path, framework="pt") as f:
             return f.metadata() or {}
     except (SafetensorError, OSError) as exc:
-        raise ConvertError(f"{path}: not a readable safetensors file: {_one_line(exc)}") from exc
+        raise ConvertError(f"{path}: not a readable safetensors file: {one_line(exc)}") from exc
 
 
 def _read_safetensors(path: Path) -> _Source:
@@ -217,7 +213,7 @@ def _read_pt(path: Path) -> _Source:
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         raise ConvertError(
             f"{path}: not loadable with torch.load(weights_only=True) (only plain tensors and containers "
-            f"are accepted): {_one_line(exc)}"
+            f"are accepted): {one_line(exc)}"
         ) from exc
     lipcli_style = isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict)
     state = payload["state_dict"] if lipcli_style else payload
@@ -368,7 +364,7 @@ def _read_npz(path: Path, allow_pickle: bool, index: int | None) -> _Source:
             args = archive["args"].item() if complete else None
             by_index = archive[f"{prefix}{chosen}"].item() if complete else None
     except (OSError, ValueError, EOFError, pickle.UnpicklingError, ImportError, AttributeError) as exc:
-        raise ConvertError(f"{path}: unreadable reference checkpoint: {_one_line(exc)}") from exc
+        raise ConvertError(f"{path}: unreadable reference checkpoint: {one_line(exc)}") from exc
     if "args" not in names or not available:
         raise ConvertError(f"{path}: not a reference checkpoint (needs 'args' and '{prefix}K' entries)")
     if not complete:
@@ -379,7 +375,7 @@ def _read_npz(path: Path, allow_pickle: bool, index: int | None) -> _Source:
         # Modula's save converts JAX arrays to nested lists (jax_to_numpy); arrays pass through as well.
         weights = [np.asarray(by_index[i], dtype=np.float32) for i in range(len(by_index))]
     except (TypeError, ValueError) as exc:
-        raise ConvertError(f"{path}: weights are not numeric arrays: {_one_line(exc)}") from exc
+        raise ConvertError(f"{path}: weights are not numeric arrays: {one_line(exc)}") from exc
     mlp = args.get("data") == "cifar"
     model_config, state = (reference_mlp_state_dict if mlp else reference_gpt_state_dict)(weights, args)
     data, tokenizer = REFERENCE_DATA.get(str(args.get("data")), (None, "char"))
@@ -453,7 +449,7 @@ def _build(arch: str, model_config: dict, state: dict[str, Tensor], src: Path) -
     try:
         model = build_model(arch, config_from_dict(arch, model_config))
     except (ValueError, TypeError, RuntimeError) as exc:
-        raise ConvertError(f"{src}: bad model config: {_one_line(exc)}") from exc
+        raise ConvertError(f"{src}: bad model config: {one_line(exc)}") from exc
     layout = {name: (list(t.shape), str(t.dtype)) for name, t in state.items()}
     mismatch = checkpoint._first_mismatch(src, layout, model.state_dict())
     if mismatch:
@@ -537,7 +533,7 @@ def _write(
             "state_dict": tensors,
             "metadata": {**meta, **({"fp8_scales": scales} if scales else {})},
         }
-        checkpoint._atomic_write(dst, lambda tmp: torch.save(payload, tmp))
+        atomic_write(dst, lambda tmp: torch.save(payload, tmp))
         return
     if not scales:
         checkpoint.save(dst, model.to(next(iter(tensors.values())).dtype), **meta)
@@ -551,7 +547,7 @@ def _write(
         metadata.update({"format": FP8_FORMAT, "fp8_scales": json.dumps(scales)})
         safetensors.torch.save_file(tensors, tmp, metadata=metadata)
 
-    checkpoint._atomic_write(dst, write_fp8)
+    atomic_write(dst, write_fp8)
 
 
 def _validate_options(dtype: str | None, method: str | None, sigma_max: float | None, eval_batches: int) -> None:
@@ -619,7 +615,7 @@ def convert(
         except (DataError, OSError) as exc:
             if data is not None:
                 raise
-            eval_note = f"no val loss: the checkpoint's data {eval_data!r} is unavailable ({_one_line(exc)})"
+            eval_note = f"no val loss: the checkpoint's data {eval_data!r} is unavailable ({one_line(exc)})"
     loss_before = _val_loss(model, batches) if batches else None
     sigma_before = max_sigma(model) if method is not None else None
     if method is not None:

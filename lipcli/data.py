@@ -7,7 +7,6 @@ import glob
 import hashlib
 import os
 import re
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 import tiktoken
 import torch
+
+from .files import atomic_write
 
 DEFAULT_DATASET = "tinyshakespeare"
 TINYSHAKESPEARE_HUB_ID = "karpathy/tiny_shakespeare"
@@ -207,10 +208,7 @@ def _hub_text(name: str, splits: Any) -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            tmp.write(text)
-        os.replace(tmp.name, path)
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     except OSError as exc:
         raise DataError(
             f"cannot write cache file {path} ({exc.strerror}); set LIPCLI_CACHE_DIR to a writable directory"
