@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from . import checkpoint
 from .checkpoint import Checkpoint
-from .data import load_image_splits, load_shard_splits, load_text_splits, tokenizer_from_dict, val_batches
+from .data import load_image_splits, recorded_val_tokens, val_batches
 from .models import BaselineGPT, LipschitzGPT, LipschitzMLP
 from .nn import HeadLinear, Linear
 from .training import evaluate, resolve_device
@@ -284,19 +284,7 @@ def _validation(ckpt: Checkpoint, data: str | None, batches: int, batch_size: in
         pairs = zip(images.x_val.split(batch_size), images.y_val.split(batch_size), strict=True)
         return list(pairs)[:batches], images.source
     context = int(ckpt.model_config["context"])
-    if data is None and tc.get("val_data"):
-        # Token-shard runs name their validation shards; text runs hold out the corpus's tail.
-        val, source = load_shard_splits(tc["data"], tc["val_data"]).val, f"shards {tc['val_data']}"
-    else:
-        tokenizer = tokenizer_from_dict(ckpt.tokenizer) if ckpt.tokenizer else None
-        splits = load_text_splits(
-            data or tc.get("data"),
-            tokenizer=tc.get("tokenizer", "char"),
-            val_fraction=tc.get("val_fraction", 0.1),
-            context=context,
-            tokenizer_obj=tokenizer,
-        )
-        val, source = splits.val, splits.source
+    val, source = recorded_val_tokens(tc, ckpt.tokenizer, context, data)
     return list(val_batches(val, context, batch_size, batches)), source
 
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .certification import certify
-from .data import DataError, load_image_splits, load_shard_splits, load_text_splits, tokenizer_from_dict, val_batches
+from .data import DataError, load_image_splits, recorded_val_tokens, val_batches
 from .models import LipschitzGPT, LipschitzMLP
 from .training import resolve_device
 
@@ -321,18 +321,7 @@ def _images(ckpt: checkpoint.Checkpoint, data: str | None, n: int) -> tuple[Tens
 
 def _sequences(ckpt: checkpoint.Checkpoint, data: str | None, n: int) -> tuple[Tensor, Tensor, str]:
     tc, context = ckpt.train_config, int(ckpt.model_config["context"])
-    if data is None and tc.get("val_data"):
-        # Token-shard runs name their validation shards; text runs hold out the corpus's tail.
-        val, source = load_shard_splits(tc["data"], tc["val_data"]).val, f"shards {tc['val_data']}"
-    else:
-        splits = load_text_splits(
-            data or tc.get("data"),
-            tokenizer=tc.get("tokenizer", "char"),
-            val_fraction=tc.get("val_fraction", 0.1),
-            context=context,
-            tokenizer_obj=tokenizer_from_dict(ckpt.tokenizer) if ckpt.tokenizer else None,
-        )
-        val, source = splits.val, splits.source
+    val, source = recorded_val_tokens(tc, ckpt.tokenizer, context, data)
     x, y = next(val_batches(val, context, n, 1))
     return x, y, f"{source}, first {len(x)} validation windows of {context} tokens"
 

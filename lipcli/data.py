@@ -422,6 +422,24 @@ class BatchSampler:
         return _to_device(x, torch.device(device)), _to_device(y, torch.device(device))
 
 
+def recorded_val_tokens(
+    train_config: dict[str, Any], tokenizer: dict[str, Any] | None, context: int, data: str | None = None
+) -> tuple[Tokens, str]:
+    """The validation tokens a checkpoint was evaluated on (or those of ``data``), and where they came from."""
+    if data is None and train_config.get("val_data"):
+        # Token-shard runs name their validation shards; text runs hold out the corpus's tail.
+        shards = load_shard_splits(train_config["data"], train_config["val_data"])
+        return shards.val, f"shards {train_config['val_data']}"
+    splits = load_text_splits(
+        data or train_config.get("data"),
+        tokenizer=train_config.get("tokenizer", "char"),
+        val_fraction=train_config.get("val_fraction", 0.1),
+        context=context,
+        tokenizer_obj=tokenizer_from_dict(tokenizer) if tokenizer else None,
+    )
+    return splits.val, splits.source
+
+
 def val_batches(
     tokens: Tokens, context: int, batch_size: int, max_batches: int | None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
