@@ -24,25 +24,7 @@ from lipcli.certification import certify, certify_loaded
 from lipcli.constraints import CapContext, project
 from lipcli.models import build_model
 from lipcli.presets import load_preset
-from lipcli.sensitivity import measure_sensitivity
-
-
-def measured_sensitivity(path: Path, steps: int, restarts: int) -> float:
-    ckpt = checkpoint.load(path)
-    model = ckpt.model.double()
-    if ckpt.arch == "lipschitz-mlp":
-        shape, norm, radius = (model.config.input_dim,), "l2", 1.0
-        f = model
-    else:
-        context = min(model.config.context, 32)  # the bound holds for every length; short windows search faster
-        shape, norm, radius = (
-            (context, model.config.d_model),
-            "seq-rms",
-            model.embed.weight.detach().pow(2).mean(-1).sqrt().max().item(),
-        )
-        f = model.forward_embeddings
-    result = measure_sensitivity(f, shape, norm, radius=radius, restarts=restarts, steps=steps, batch=8)
-    return result.lower_bound
+from lipcli.sensitivity import checkpoint_sensitivity
 
 
 def nanogpt_timing() -> dict[str, float]:
@@ -82,7 +64,7 @@ def main() -> None:
     rows = []
     for path in args.checkpoints:
         report = certify(path)
-        measured = measured_sensitivity(path, args.steps, args.restarts)
+        measured = checkpoint_sensitivity(path, steps=args.steps, restarts=args.restarts)
         row = {
             "checkpoint": str(path),
             "log10_paper": report.log10_paper,

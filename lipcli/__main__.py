@@ -1,3 +1,5 @@
 from .cli import main
 
-main()
+# Guarded: spawned helper processes may import the main module again (python -m lipcli, torchrun -m lipcli).
+if __name__ == "__main__":
+    main()

@@ -211,6 +211,11 @@ def _output(record: _Recorder, name: str) -> Callable[[nn.Module, tuple, Tensor]
     return lambda module, args, out: record(name, out)
 
 
+def _gained(record: _Recorder, name: str, gain: float) -> Callable[[nn.Module, tuple, Tensor], None]:
+    """GeLU's actual input: the MLP multiplies W_in x by its fixed gain before the activation."""
+    return lambda module, args, out: record(name, gain * out)
+
+
 def _input(record: _Recorder, name: str) -> Callable[[nn.Module, tuple, Tensor], None]:
     return lambda module, args, out: record(name, args[0])
 
@@ -226,8 +231,8 @@ def _lipschitz_attention(record: _Recorder, prefix: str) -> Callable[[nn.Module,
         x = args[0]
         # The module never materializes its logits (SDPA fuses them): recompute them with its own layers.
         with record.paused():
-            q, k = attn.rotary(attn.q(x)), attn.rotary(attn.k(x))
-        record(prefix + "attn_logits", _causal(q @ k.mT * (attn.softmax_scale / attn.head_dim)))
+            logits = attn.logits(x)
+        record(prefix + "attn_logits", _causal(logits))
         record(prefix + "attn_out", out)
 
     return hook
@@ -250,7 +255,7 @@ def _register(model: nn.Module, record: _Recorder) -> list[RemovableHandle]:
         for i, block in enumerate(model.blocks):
             p, attn, mlp = f"block{i}.", block.attn.inner, block.mlp.inner
             hooks += [(getattr(attn, n), _output(record, p + n)) for n in ("q", "k", "v")]
-            hooks += [(attn, _lipschitz_attention(record, p)), (mlp.fc_in, _output(record, p + "mlp_pre"))]
+            hooks += [(attn, _lipschitz_attention(record, p)), (mlp.fc_in, _gained(record, p + "mlp_pre", mlp.gain))]
             hooks += [(mlp.fc_out, _input(record, p + "mlp_post")), (block, _output(record, p + "residual"))]
     elif isinstance(model, BaselineGPT):
         hooks.append((model.embed, _output(record, "embed")))

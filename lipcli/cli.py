@@ -46,6 +46,7 @@ _D = load_preset(DEFAULT_PRESET).train
 
 @app.command()
 def train(
+    ctx: typer.Context,
     preset: Annotated[
         str, typer.Option(help="Preset name (see `lipcli presets`) or path to a .toml file.")
     ] = DEFAULT_PRESET,
@@ -103,10 +104,28 @@ def train(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    nproc: Annotated[
+        int | None,
+        typer.Option(
+            help="Train on N processes (one per GPU, or N CPU processes): starts torchrun with the other options."
+        ),
+    ] = None,
 ) -> None:
-    """Train a Lipschitz-constrained model (default: LipschitzGPT on tiny Shakespeare) and checkpoint it."""
-    from .training import TrainingError
+    """Train a Lipschitz-constrained model (default: LipschitzGPT on tiny Shakespeare) and checkpoint it.
+
+    Under torchrun (`torchrun --nproc_per_node N -m lipcli train ...`) each process trains its slice of
+    every batch with DDP and only rank 0 writes and prints.
+    """
+    from rich.markup import escape
+
+    from .distributed import current_world
+    from .files import one_line
+    from .training import TrainingError, validate
     from .training import train as run_training
+
+    world = current_world()
+    where = f"{world.describe()}: " if world.size > 1 else ""  # names the failing process in a multi-process job
+    launching = nproc is not None and nproc != 1
 
     options = {"method": method, "sigma_max": sigma_max, "optimizer": optimizer, "lr": lr, "wd": wd, "steps": steps,
                "batch_size": batch_size, "data": data, "tokenizer": tokenizer, "val_fraction": val_fraction,
@@ -120,12 +139,26 @@ def train(
         chosen = apply_overrides(chosen, {**overrides, **parse_set_options(set_ or [])})
         t = chosen.train
         path = out or Path("runs") / f"{chosen.name}-{t.method}-{t.sigma_max:g}.safetensors"
-        with _TrainProgress(enabled=not (quiet or as_json)) as progress:
-            result = run_training(chosen, path, resume=resume, on_event=progress.on_event)
+        if launching:
+            _check_launch(nproc, t.device)
+            validate(chosen, world_size=nproc)
+        else:
+            with _TrainProgress(enabled=not (quiet or as_json) and world.is_main) as progress:
+                result = run_training(chosen, path, resume=resume, on_event=progress.on_event)
+    # Escaped: messages may hold [brackets] (paths, gloo's source locations) that rich would read as markup.
     except TrainingError as exc:
-        raise _fail(str(exc), 1) from None
+        raise _fail(escape(where + str(exc)), 1) from None
     except USER_ERRORS as exc:
-        raise _fail(str(exc), 2) from None
+        raise _fail(escape(where + str(exc)), 2) from None
+    except Exception as exc:
+        if world.size == 1:
+            raise
+        # One line naming the rank and the cause; torchrun then stops the other ranks.
+        raise _fail(escape(f"{where}{type(exc).__name__}: {one_line(exc)}"), 1) from None
+    if launching:
+        raise typer.Exit(_run_torchrun(nproc, _forwarded_args(ctx, drop="nproc")))
+    if not world.is_main:
+        return
     from .certification import certify
 
     bound = certify(result.checkpoint)
@@ -142,6 +175,54 @@ def train(
         table.add_row(key, _fmt(summary.get(key)))
     table.add_row("certified bound", f"{_fmt_bound(bound.log10_bound)} ({bound.norm_pair})")
     stdout.print(table)
+
+
+def _check_launch(nproc: int, device: str) -> None:
+    """Reject a launch that cannot work before starting torchrun (exit 2, as for any bad input)."""
+    import torch
+
+    from .distributed import current_world
+    from .training import resolve_device
+
+    if nproc < 1:
+        raise ValueError(f"--nproc must be >= 1 (got {nproc})")
+    if current_world().size > 1:
+        raise ValueError("--nproc starts torchrun itself; drop it when launching with torchrun")
+    gpus = torch.cuda.device_count()
+    if resolve_device(device).type == "cuda" and nproc > gpus:
+        raise ValueError(f"--nproc {nproc} needs {nproc} GPUs (one per process); torch sees {gpus}")
+
+
+def _forwarded_args(ctx: typer.Context, drop: str) -> list[str]:
+    """The options given on this command line, except ``drop``, written back as arguments for torchrun's workers."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        # By name: typer may vendor its own copy of click's ParameterSource.
+        if param.name == drop or source is None or source.name != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if getattr(param, "is_flag", False):
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+            continue
+        for item in value if param.multiple else [value]:
+            args += [param.opts[0], str(item)]
+    return args
+
+
+def _run_torchrun(nproc: int, args: list[str]) -> int:
+    """``python -m torch.distributed.run`` with ``nproc`` workers of ``lipcli train args``; its exit code."""
+    import subprocess
+
+    # --standalone: a private rendezvous on a free port, so two jobs on one machine never collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "lipcli", "train", *args]  # fmt: skip
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached torchrun and its workers too: let them stop, checkpoint kept, and report.
+        return process.wait()
 
 
 class _TrainProgress:
@@ -486,6 +567,159 @@ def presets_command(as_json: Annotated[bool, typer.Option("--json")] = False) ->
     for name, p in rows.items():
         table.add_row(name + (" (default)" if name == DEFAULT_PRESET else ""), p.arch, p.description)
     stdout.print(table)
+
+
+@app.command("sweep")
+def sweep_command(
+    out: Annotated[
+        Path, typer.Option(help="Sweep directory: runs/, points/, results.csv, results.json and frontier.png.")
+    ],
+    preset: Annotated[
+        str, typer.Option(help="Preset name (see `lipcli presets`) or path to a .toml file.")
+    ] = DEFAULT_PRESET,
+    optimizer: Annotated[str, typer.Option(help="Comma list of optimizers.")] = "muon,adamw",
+    method: Annotated[
+        str,
+        typer.Option(help="Comma list of constraint methods; pairs an optimizer cannot run are skipped, with why."),
+    ] = "softcap,hardcap,normalize,wd,hammer",
+    sigma_max: Annotated[
+        str, typer.Option(help="Comma list of caps (RMS->RMS norm); none and wd ignore it and run once.")
+    ] = "0.5,1,2,4,8",
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps of every run, the baseline's too.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a preset field in every run, e.g. --set train.lr=0.05.")
+    ] = None,
+    baseline_preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Unconstrained reference run at the sweep's size, data and steps (default for "
+            "shakespeare presets: shakespeare-baseline)."
+        ),
+    ] = None,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Run the baseline too.")] = True,
+    jobs: Annotated[int, typer.Option(help="Runs in parallel processes, each with cores/jobs threads.")] = 1,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+) -> None:
+    """The Lipschitz-vs-accuracy frontier: train, certify and profile a grid; rerun the same command to resume."""
+    from rich.markup import escape
+
+    from .sweep import sweep
+    from .training import TrainingError
+
+    if baseline_preset is not None and not baseline:
+        raise _fail("choose one of --baseline-preset and --no-baseline", 2)
+    progress = _SweepProgress(enabled=not as_json)
+    try:
+        grid = (_comma_list(optimizer), _comma_list(method), _comma_floats(sigma_max, "--sigma-max"))
+        overrides = parse_set_options(set_ or [])
+        with progress:
+            result = sweep(preset, *grid, out, steps=steps, overrides=overrides,
+                           baseline=baseline_preset or baseline, jobs=jobs, on_event=progress.on_event)  # fmt: skip
+    # Escaped: messages hold paths, and rich would read [brackets] in them as markup.
+    except TrainingError as exc:
+        raise _fail(escape(str(exc)), 1) from None
+    except USER_ERRORS as exc:
+        raise _fail(escape(str(exc)), 2) from None
+    if as_json:
+        _print_json(result.to_dict())
+    else:
+        _render_sweep(result)
+    if result.failed:
+        names = ", ".join(f.name for f in result.failed)
+        raise _fail(f"{len(result.failed)} run(s) failed: {names} (rerun the same command to retry them)", 1)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _comma_floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(item) for item in _comma_list(text)]
+    except ValueError:
+        raise ValueError(f"{option} expects numbers separated by commas, got {text!r}") from None
+
+
+class _SweepProgress:
+    """One bar over every training step of the sweep and one line per finished run (on stderr)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("[bold]sweep"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not enabled,
+        )
+        self.task = None
+        self.steps_per_run = 0
+        self.runs = 0
+        self.finished = 0
+        self.steps_done: dict[str, int] = {}
+
+    def __enter__(self) -> _SweepProgress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(*exc)
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        kind, point = event["type"], event.get("point", "")
+        if kind == "sweep_start":
+            self.steps_per_run, self.runs = event["steps"], len(event["todo"])
+            self.task = self.progress.add_task("sweep", total=self.steps_per_run * self.runs, status="")
+        elif kind in ("start", "step"):
+            # A resumed run starts part-way; events can only move a run forward.
+            self.steps_done[point] = max(self.steps_done.get(point, 0), event["step"])
+        elif kind == "point_done":
+            self._finished_line(event["row"], event["cached"])
+        elif kind == "point_failed":
+            self.finished += 1
+            self.steps_done[point] = self.steps_per_run
+            message = f"{point}: failed: {event['error']}"
+            self.progress.console.print(message, style="red", markup=False, highlight=False, soft_wrap=True)
+        if self.task is not None:
+            status = f"{self.finished}/{self.runs} runs"
+            self.progress.update(self.task, completed=sum(self.steps_done.values()), status=status)
+
+    def _finished_line(self, row: dict[str, Any], cached: bool) -> None:
+        if not cached:
+            self.finished += 1
+            self.steps_done[row["name"]] = self.steps_per_run
+        self.progress.console.print(
+            f"{row['name']}: val acc {row['val_acc']:.2%}, val loss {row['val_loss']:.4g}, "
+            f"bound {_fmt_bound(row['log10_tight'])}" + (" (done earlier)" if cached else f", {row['wall_s']:.1f} s"),
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _render_sweep(result) -> None:
+    from rich.markup import escape
+
+    table = Table(title=escape(f"lipcli sweep: {result.out_dir}"))
+    table.add_column("run", no_wrap=True)
+    for column in ("sigma", "L tight", "L paper", "val acc", "val loss", "max |x|", "wall s"):
+        table.add_column(column, justify="right")
+    for row in result.rows:
+        bounds = (_fmt_bound(row.log10_tight), _fmt_bound(row.log10_paper))
+        metrics = (f"{row.val_acc:.2%}", f"{row.val_loss:.4g}", f"{row.max_activation:.4g}", f"{row.wall_s:.1f}")
+        table.add_row(escape(row.name), _fmt(row.sigma_max), *bounds, *metrics)
+    stdout.print(table)
+    lines = [f"skipped {s.optimizer} + {s.method}: {s.reason}" for s in result.skipped]
+    lines += [f"note: {note}" for note in result.notes]
+    lines += [f"failed {f.name}: {f.error}" for f in result.failed]
+    lines.append("wrote " + ", ".join(str(path) for path in result.files.values()))
+    for line in lines:
+        stdout.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from . import checkpoint
 from .constraints import CapContext, get_method, project
 from .data import DataError
 from .files import atomic_write, one_line
-from .models import build_model, config_dict, config_from_dict
+from .models import build_model, config_dict, config_from_dict, weight_matrices
 from .nn import Embedding, HeadLinear, Linear
 from .optim import cap_embedding_rows
 from .presets import Preset, PresetError, TrainConfig, load_preset
@@ -458,13 +458,9 @@ def _build(arch: str, model_config: dict, state: dict[str, Tensor], src: Path) -
     return model.eval()
 
 
-def _matrices(model: nn.Module) -> list[Tensor]:
-    return [m.weight for m in model.modules() if isinstance(m, (Linear, HeadLinear))]
-
-
 def max_sigma(model: nn.Module) -> float:
     """Largest exact RMS->RMS norm over the constrained weight matrices (per head for q/k/v)."""
-    return max((float(rms_norm_exact(w).max()) for w in _matrices(model)), default=0.0)
+    return max((float(rms_norm_exact(w).max()) for w in weight_matrices(model)), default=0.0)
 
 
 @torch.no_grad()

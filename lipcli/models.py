@@ -13,7 +13,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn import MLP, Attention, Bound, Embedding, HeadLinear, Linear, NormOf, Residual, log10
+from .nn import (
+    ATTENTION_OUT_FACTOR,
+    MLP,
+    Attention,
+    Bound,
+    Embedding,
+    HeadLinear,
+    Linear,
+    NormOf,
+    PositionBias,
+    Residual,
+    log10,
+)
 from .optim import Group
 
 
@@ -29,6 +41,9 @@ class GPTConfig:
     softmax_scale: float = 1.0  # attention logits = softmax_scale * q.k / d_head
     final_scale: float = 1.0  # fixed logit multiplier: counted in the certificate
     zero_init: bool = True  # zero-init attention/MLP output projections and the head (the reference's)
+    position_bias: bool = False  # learned per-head logit bias by relative offset: free in the bound
+    attn_out_scale: float = ATTENTION_OUT_FACTOR  # fixed factor on the attention output: counted in the bound
+    mlp_gain: float = 1.0  # GeLU operating point: W_out GeLU(g W_in x) / g; cancels in the bound
     seed: int = 0
 
 
@@ -45,26 +60,20 @@ class MLPConfig:
 def _init(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, (Linear, HeadLinear, Embedding)):
+        if isinstance(module, (Linear, HeadLinear, Embedding, PositionBias)):
             module.reset_parameters(generator)
 
 
 def _collect_groups(
     model: nn.Module, caps: dict[str, float], sigma_max: float, lr_mult: dict[str, float]
 ) -> list[Group]:
-    by_name: dict[str, list[nn.Parameter]] = {}
+    by_name: dict[str, tuple[str, list[nn.Parameter]]] = {}
     for module in model.modules():
-        if isinstance(module, (Linear, HeadLinear, Embedding)):
-            by_name.setdefault(module.group, []).append(module.weight)
+        if isinstance(module, (Linear, HeadLinear, Embedding, PositionBias)):
+            by_name.setdefault(module.group, (module.constraint_kind, []))[1].append(module.weight)
     return [
-        Group(
-            name,
-            params,
-            kind="embed" if name == "embed" else "matrix",
-            sigma_max=caps.get(name, sigma_max),
-            lr_mult=lr_mult.get(name, 1.0),
-        )
-        for name, params in by_name.items()
+        Group(name, params, kind=kind, sigma_max=caps.get(name, sigma_max), lr_mult=lr_mult.get(name, 1.0))
+        for name, (kind, params) in by_name.items()
     ]
 
 
@@ -72,8 +81,14 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         a = config.residual_scale / (2 * config.n_layers)
-        self.attn = Residual(Attention(config.d_model, config.n_heads, config.softmax_scale, config.zero_init), a)
-        self.mlp = Residual(MLP(config.d_model, config.mlp_ratio * config.d_model, config.zero_init), a)
+        position_context = config.context if config.position_bias else 0
+        attention = Attention(
+            config.d_model, config.n_heads, config.softmax_scale, config.zero_init, position_context,
+            config.attn_out_scale,
+        )  # fmt: skip
+        self.attn = Residual(attention, a)
+        mlp = MLP(config.d_model, config.mlp_ratio * config.d_model, config.zero_init, config.mlp_gain)
+        self.mlp = Residual(mlp, a)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.mlp(self.attn(x))
@@ -232,6 +247,11 @@ def build_model(arch: str, config: GPTConfig | MLPConfig | dict, init: bool = Tr
     if isinstance(config, dict):
         config = config_from_dict(arch, config)
     return ARCHITECTURES[arch][0](config, init=init)
+
+
+def weight_matrices(model: nn.Module) -> list[Tensor]:
+    """The weights a spectral constraint bounds (per head for q/k/v): no embeddings, no position biases."""
+    return [m.weight for m in model.modules() if isinstance(m, (Linear, HeadLinear, nn.Linear))]
 
 
 def config_dict(model: nn.Module) -> dict:

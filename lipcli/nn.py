@@ -22,7 +22,7 @@ from .spectral import rms_scale
 # RMS->RMS operator norm of each matrix in a [..., fan_out, fan_in] tensor (certify: exact, float64).
 NormOf = Callable[[Tensor], Tensor]
 GELU_MAX_SLOPE = 1.1289  # max of d/dx GeLU(x): dividing by it makes the activation 1-Lipschitz
-ATTENTION_OUT_FACTOR = 1.0 / 3.0  # the reference architecture's 1/3 on the attention output
+ATTENTION_OUT_FACTOR = 1.0 / 3.0  # the reference architecture's 1/3 on the attention output (the default)
 
 
 def log10(x: float) -> float:
@@ -40,6 +40,8 @@ class Bound:
 
 class Linear(nn.Module):
     """Bias-free linear map whose weight belongs to a named constraint group."""
+
+    constraint_kind = "matrix"
 
     def __init__(self, fan_in: int, fan_out: int, group: str, zero_init: bool = False) -> None:
         super().__init__()
@@ -73,6 +75,8 @@ class HeadLinear(nn.Module):
     head's attention logits by the input norm: a stacked cap lets one head carry all the energy.
     """
 
+    constraint_kind = "matrix"
+
     def __init__(self, fan_in: int, n_heads: int, head_dim: int, group: str) -> None:
         super().__init__()
         self.group = group
@@ -92,6 +96,8 @@ class HeadLinear(nn.Module):
 
 class Embedding(nn.Module):
     """Token embedding with rows (one per token) of RMS <= 1: the input domain of every certificate."""
+
+    constraint_kind = "embed"
 
     def __init__(self, vocab_size: int, d_model: int) -> None:
         super().__init__()
@@ -127,33 +133,89 @@ class Rotary(nn.Module):
         return rotated.flatten(-2)
 
 
-class Attention(nn.Module):
-    """Causal multi-head attention with 1/d_head logit scaling, RoPE, and the 1/3 output factor."""
+class PositionBias(nn.Module):
+    """A learned attention-logit bias per head and relative offset t - s (T5/ALiBi-style).
 
-    def __init__(self, d_model: int, n_heads: int, softmax_scale: float, zero_init: bool) -> None:
+    It does not depend on the input, so it moves no Jacobian and adds nothing to any Lipschitz bound
+    (docs/certify.md): heads can attend sharply by position while softmax_scale, which the bound pays
+    for, stays small. Trained unconstrained ("free": Muon takes a row-normalized step).
+    """
+
+    constraint_kind = "free"
+
+    def __init__(self, n_heads: int, context: int) -> None:
+        super().__init__()
+        self.group = "attn_pos"
+        self.weight = nn.Parameter(torch.empty(n_heads, context))
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """ALiBi's slopes: head h starts out favouring recent tokens at its own rate, 2^(-8(h+1)/H) per step back."""
+        n_heads, context = self.weight.shape
+        slopes = 2.0 ** (-8.0 * torch.arange(1, n_heads + 1, dtype=torch.float32) / n_heads)
+        with torch.no_grad():
+            self.weight.copy_(-slopes[:, None] * torch.arange(context, dtype=torch.float32))
+
+    def forward(self, t: int) -> Tensor:
+        """The additive causal mask [n_heads, t, t]: bias[h, i - j] where j <= i, -inf after i."""
+        if t > self.weight.shape[1]:
+            raise ValueError(f"sequence of {t} tokens is longer than the position bias's {self.weight.shape[1]}")
+        pos = torch.arange(t, device=self.weight.device)
+        offset = pos[:, None] - pos[None, :]
+        bias = self.weight[:, offset.clamp_min(0)]
+        return bias.masked_fill(offset < 0, -math.inf)
+
+
+class Attention(nn.Module):
+    """Causal multi-head attention with 1/d_head logit scaling, RoPE, and a fixed output factor (1/3)."""
+
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        softmax_scale: float,
+        zero_init: bool,
+        position_context: int = 0,
+        out_scale: float = ATTENTION_OUT_FACTOR,
+    ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
-        self.softmax_scale = softmax_scale
+        self.softmax_scale, self.out_scale = softmax_scale, out_scale
         self.q = HeadLinear(d_model, n_heads, self.head_dim, "attn_qk")
         self.k = HeadLinear(d_model, n_heads, self.head_dim, "attn_qk")
         self.v = HeadLinear(d_model, n_heads, self.head_dim, "attn_v")
         self.o = Linear(d_model, d_model, "attn_out", zero_init=zero_init)
         self.rotary = Rotary(self.head_dim)
+        self.position_bias = PositionBias(n_heads, position_context) if position_context else None
 
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self.rotary(self.q(x)), self.rotary(self.k(x)), self.v(x)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale / self.head_dim)
+        scale = self.softmax_scale / self.head_dim
+        if self.position_bias is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        else:
+            mask = self.position_bias(x.shape[-2]).to(q.dtype)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         y = y.transpose(1, 2).reshape(x.shape)
-        return self.o(y * ATTENTION_OUT_FACTOR)
+        return self.o(y * self.out_scale)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The attention logits [B, H, T, T] the forward pass feeds to softmax (-inf at masked positions)."""
+        q, k = self.rotary(self.q(x)), self.rotary(self.k(x))
+        scores = q @ k.mT * (self.softmax_scale / self.head_dim)
+        t = x.shape[-2]
+        if self.position_bias is not None:
+            return scores + self.position_bias(t).to(scores.dtype)
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, -math.inf)
 
     def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
         """Lipschitz constant and output norm on inputs whose tokens have RMS <= in_norm.
 
-        paper: (n_o/3)(n_v + 2 n_v r^2 n_q n_k s), output (n_o n_v / 3) r, with n_x the largest
+        paper: c n_o (n_v + 2 n_v r^2 n_q n_k s), output c n_o n_v r with c = out_scale (1/3), with n_x the largest
         per-head norm (softmax_scale on the query/key term only; the reference applies it to all).
-        tight: per-head value path min(sum_h ||O_h V_h||, ||O|| sqrt(sum_h ||V_h||^2)) / 3 and per-head
+        tight: per-head value path c min(sum_h ||O_h V_h||, ||O|| sqrt(sum_h ||V_h||^2)) and per-head
         query/key terms, combined the same way; see docs/certify.md for the derivation.
         """
         r, s = in_norm, self.softmax_scale
@@ -161,7 +223,7 @@ class Attention(nn.Module):
         n_o = float(norm_of(self.o.weight))
         terms = {"n_q": float(n_q.max()), "n_k": float(n_k.max()), "n_v": float(n_v.max()), "n_o": n_o}
         if not tight:
-            value = n_o * terms["n_v"] * ATTENTION_OUT_FACTOR
+            value = n_o * terms["n_v"] * self.out_scale
             qk = value * 2.0 * r**2 * terms["n_q"] * terms["n_k"] * s
             return Bound(log10(value + qk), value * r, terms)
         # Spectral norms from RMS->RMS ones: a [d_head, d] slice has sigma = n / sqrt(H), a [d, d_head] one n sqrt(H).
@@ -170,9 +232,9 @@ class Attention(nn.Module):
         out_heads = self.o.weight.detach().to(n_v.dtype).view(-1, self.n_heads, self.head_dim).transpose(0, 1)
         sig_o_heads = norm_of(out_heads) * heads
         sig_ov = norm_of(out_heads @ self.v.weight.detach().to(n_v.dtype))  # [d, d]: RMS->RMS norm = sigma
-        value = ATTENTION_OUT_FACTOR * min(float(sig_ov.sum()), n_o * float(sig_v.pow(2).sum().sqrt()))
+        value = self.out_scale * min(float(sig_ov.sum()), n_o * float(sig_v.pow(2).sum().sqrt()))
         per_head_qk = 2.0 * s * self.n_heads * sig_q * sig_k * sig_v * r**2
-        qk = ATTENTION_OUT_FACTOR * min(
+        qk = self.out_scale * min(
             float((sig_o_heads * per_head_qk).sum()), n_o * float(per_head_qk.pow(2).sum().sqrt())
         )
         terms.update({"value_path": value, "qk_path": qk})
@@ -180,15 +242,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """W_out GeLU(W_in x) / 1.1289: the scaled GeLU is 1-Lipschitz and shrinks norms by 1.1289."""
+    """W_out GeLU(g W_in x) / (g 1.1289): the scaled GeLU is 1-Lipschitz and shrinks norms by 1.1289.
 
-    def __init__(self, d_model: int, hidden: int, zero_init: bool) -> None:
+    The fixed gain g sets GeLU's operating point (small inputs see an almost linear GeLU) and cancels
+    in every bound, so it is free; the function class equals caps (g, 1/g) on (W_in, W_out).
+    """
+
+    def __init__(self, d_model: int, hidden: int, zero_init: bool, gain: float = 1.0) -> None:
         super().__init__()
         self.fc_in = Linear(d_model, hidden, "mlp_in")
         self.fc_out = Linear(hidden, d_model, "mlp_out", zero_init=zero_init)
+        self.gain = gain
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(F.gelu(self.fc_in(x)) / GELU_MAX_SLOPE)
+        return self.fc_out(F.gelu(self.gain * self.fc_in(x)) / (self.gain * GELU_MAX_SLOPE))
 
     def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
         """Lipschitz n_out n_in (activation slope 1); |GeLU(x)| <= |x| gives output RMS <= n_out n_in r / 1.1289."""

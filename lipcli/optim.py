@@ -7,10 +7,11 @@ the one thing it knows that the constraint cannot: a bound on the norm of the st
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .constraints import CapContext, get_method, project
@@ -105,6 +106,12 @@ class Muon(torch.optim.Optimizer):
     Written here rather than wrapping torch.optim.Muon because the soft cap needs the exact bound on
     each update's RMS->RMS norm (lr times the Newton-Schulz gain), the paper scales by
     sqrt(fan_out / fan_in) for every shape, and embeddings take a row-normalized update.
+
+    With ``world_size`` > 1 (gradients already averaged, e.g. by DDP) the work is sharded as in
+    modded-nanogpt: parameters go round-robin to ranks, each rank takes the step and applies the
+    constraint for its own, and the owner broadcasts the result, so every rank ends with the same
+    capped weights. Momentum and constraint state live on the owner only; see
+    :func:`lipcli.distributed.gather_sharded_state` for checkpoints.
     """
 
     def __init__(
@@ -118,6 +125,8 @@ class Muon(torch.optim.Optimizer):
         sigma_max: float = 1.0,
         embed_inflation: float = 16.0,
         coeffs: tuple[tuple[float, float, float], ...] = MUON_COEFFS,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -133,16 +142,16 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.coeffs = coeffs
         self.gain = max_gain(coeffs) * _GAIN_MARGIN
+        self.rank, self.world_size = rank, world_size
 
     def direction(self, update: Tensor, group: dict) -> Tensor:
-        """The step before the learning rate: RMS->RMS norm <= gain for matrices, unit-RMS rows for embeddings."""
-        if group["kind"] == "embed":
+        """The step before the learning rate: RMS->RMS norm <= gain for matrices, unit-RMS rows otherwise."""
+        # Vectors (embedding rows, attention position biases) have no matrix sign: normalize each row instead.
+        if group["kind"] in ("embed", "free"):
             rms = update.pow(2).mean(dim=-1, keepdim=True).sqrt()
             # Rare tokens get small gradients: normalize rows, but inflate none more than embed_inflation.
             floor = rms.max() / group["embed_inflation"]
             return update / rms.clamp_min(floor).clamp_min(1e-30)
-        if group["kind"] != "matrix":
-            raise ValueError(f"Muon cannot train parameter group {group.get('name')!r} of kind {group['kind']!r}")
         return msign(update, self.coeffs) * rms_scale(update)
 
     @torch.no_grad()
@@ -151,21 +160,46 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            decay = lr * group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                if decay:
-                    p.mul_(1.0 - decay)
-                p.add_(self.direction(update, group).to(p.dtype), alpha=-lr)
-                _apply_constraint(p, group, state, step_norm=lr * self.gain)
+        broadcasts = []
+        for group, p, owner in self._assignments():
+            if p.grad is None:
+                continue
+            if owner == self.rank:
+                self._update(p, group)
+            if self.world_size > 1:
+                # Issued in the same order on every rank; async, so owners keep computing while results travel.
+                broadcasts.append(dist.broadcast(p, src=owner, async_op=True))
+        for work in broadcasts:
+            work.wait()
         return loss
+
+    def _update(self, p: Tensor, group: dict) -> None:
+        """Momentum, step and constraint for one parameter, in place."""
+        lr, momentum = group["lr"], group["momentum"]
+        decay = lr * group["weight_decay"]
+        state = self.state[p]
+        buf = state.setdefault("momentum_buffer", torch.zeros_like(p))
+        buf.lerp_(p.grad, 1 - momentum)
+        update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
+        if decay:
+            p.mul_(1.0 - decay)
+        p.add_(self.direction(update, group).to(p.dtype), alpha=-lr)
+        _apply_constraint(p, group, state, step_norm=lr * self.gain)
+
+    def _assignments(self) -> Iterator[tuple[dict, Tensor, int]]:
+        """(group, parameter, owner rank): round-robin over all parameters, the same on every rank."""
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield group, p, index % self.world_size
+                index += 1
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # A checkpoint holds every parameter's state; each rank keeps only what it owns.
+        for _, p, owner in self._assignments():
+            if owner != self.rank:
+                self.state.pop(p, None)
 
 
 class ConstrainedAdamW(torch.optim.AdamW):
@@ -185,10 +219,18 @@ class ConstrainedAdamW(torch.optim.AdamW):
 
 
 def build_optimizer(
-    name: str, groups: Iterable[Group], lr: float, method: str, wd: float, betas: tuple[float, float] = (0.9, 0.95)
+    name: str,
+    groups: Iterable[Group],
+    lr: float,
+    method: str,
+    wd: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    rank: int = 0,
+    world_size: int = 1,
 ) -> torch.optim.Optimizer:
+    """Muon sharded over ``world_size`` ranks, or AdamW (every rank repeats the same step: it is cheap)."""
     check_method(name, method)
     param_dicts = param_groups(groups, lr, method, wd)
     if name == "muon":
-        return Muon(param_dicts, lr=lr, weight_decay=wd, method=method)
+        return Muon(param_dicts, lr=lr, weight_decay=wd, method=method, rank=rank, world_size=world_size)
     return ConstrainedAdamW(param_dicts, lr=lr, weight_decay=wd, betas=betas)

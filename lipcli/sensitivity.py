@@ -40,11 +40,14 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
 from torch.func import jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from . import checkpoint
 
 NORMS = ("seq-rms", "l2")
 _TINY = 1e-300  # keeps log() and divisions finite when f is constant
@@ -320,3 +323,21 @@ def measure_sensitivity(
         y=search.best_pair[1],
         evaluations=search.evaluations,
     )
+
+
+def checkpoint_sensitivity(path: str | Path, *, steps: int = 150, restarts: int = 3, window: int = 32) -> float:
+    """The measured lower bound on a checkpoint's Lipschitz constant, in the norm pair its certificate uses.
+
+    Sequence models are searched on windows of at most ``window`` tokens: the certificate holds for every
+    length, and short windows search faster.
+    """
+    model = checkpoint.load(path).model.double()
+    if model.arch == "lipschitz-mlp":
+        result = measure_sensitivity(model, (model.config.input_dim,), "l2", restarts=restarts, steps=steps, batch=8)
+    else:
+        shape = (min(model.config.context, window), model.config.d_model)
+        radius = float(model.embed.weight.detach().pow(2).mean(-1).sqrt().max())
+        result = measure_sensitivity(
+            model.forward_embeddings, shape, "seq-rms", radius=radius, restarts=restarts, steps=steps, batch=8
+        )
+    return result.lower_bound

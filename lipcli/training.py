@@ -11,6 +11,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .data import BatchSampler, DataError, load_image_splits, load_shard_splits, load_text_splits, val_batches
-from .models import build_model
-from .optim import build_optimizer, check_method
+from .distributed import SINGLE, World
+from .models import build_model, weight_matrices
+from .optim import Muon, build_optimizer, check_method
 from .presets import Preset, TrainConfig
 from .spectral import rms_norm_exact
 
@@ -51,8 +53,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def validate(preset: Preset) -> None:
-    """Reject a bad configuration before any data is read or any file written."""
+def validate(preset: Preset, world_size: int = 1) -> None:
+    """Reject a bad configuration (for ``world_size`` processes) before any data is read or any file written."""
     t = preset.train
     check_method(t.optimizer, t.method)
     if t.sigma_max <= 0 or any(v <= 0 for v in t.caps.values()):
@@ -66,6 +68,7 @@ def validate(preset: Preset) -> None:
         raise ValueError(f"unknown schedule {t.schedule!r}; choose linear, cosine or constant")
     if t.dtype not in ("fp32", "bf16"):
         raise ValueError(f"unknown dtype {t.dtype!r}; choose fp32 or bf16")
+    distributed.local_batch_size(t.batch_size, World(size=world_size))
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -96,7 +99,7 @@ def mass_lr_mult(blocks_mass: float | None) -> dict[str, float]:
 class _LMTask:
     """Next-token prediction on a token stream."""
 
-    def __init__(self, t: TrainConfig, context: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, t: TrainConfig, context: int, world: World = SINGLE) -> None:
         if t.data and t.data.endswith(".bin") or (t.val_data and t.val_data.endswith(".bin")):
             if not t.val_data:
                 raise DataError("token-shard training needs train.val_data (a glob of validation shards)")
@@ -104,8 +107,9 @@ class _LMTask:
         else:
             self.splits = load_text_splits(t.data, tokenizer=t.tokenizer, val_fraction=t.val_fraction, context=context)
         self.vocab_size = self.splits.tokenizer.vocab_size if self.splits.tokenizer else 50257
-        self.sampler = BatchSampler(self.splits.train, context, t.batch_size, t.seed, rank, world_size)
-        self.context, self.t = context, t
+        per_rank = distributed.local_batch_size(t.batch_size, world)
+        self.sampler = BatchSampler(self.splits.train, context, per_rank, t.seed, world.rank, world.size)
+        self.context, self.t, self.world = context, t, world
 
     def model_fields(self) -> dict[str, Any]:
         return {"vocab_size": self.vocab_size}
@@ -114,10 +118,13 @@ class _LMTask:
         return self.sampler.batch(step, device)
 
     def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-        for x, y in val_batches(self.splits.val, self.context, self.t.batch_size, self.t.eval_batches):
+        """This rank's share of the validation batches: every world.size-th one."""
+        batches = val_batches(self.splits.val, self.context, self.t.batch_size, self.t.eval_batches)
+        for x, y in islice(batches, self.world.rank, None, self.world.size):
             yield x.to(device), y.to(device)
 
     def tokens_per_batch(self) -> int:
+        """Tokens in one global batch (all ranks together)."""
         return self.t.batch_size * self.context
 
     def tokenizer_dict(self) -> dict | None:
@@ -127,20 +134,24 @@ class _LMTask:
 class _ImageTask:
     """Classification of flattened images."""
 
-    def __init__(self, t: TrainConfig) -> None:
+    def __init__(self, t: TrainConfig, world: World = SINGLE) -> None:
+        self.per_rank = distributed.local_batch_size(t.batch_size, world)
         self.splits = load_image_splits(t.data, seed=t.seed)
-        self.t = t
+        self.t, self.world = t, world
 
     def model_fields(self) -> dict[str, Any]:
         return {"input_dim": self.splits.input_dim, "num_classes": self.splits.num_classes}
 
     def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """This rank's slice of the global batch for ``step``."""
         gen = torch.Generator().manual_seed(self.t.seed * 1_000_003 + step)
         idx = torch.randint(0, len(self.splits.y_train), (self.t.batch_size,), generator=gen)
-        return self.splits.x_train[idx].to(device), self.splits.y_train[idx].to(device)
+        mine = idx[self.world.rank * self.per_rank : (self.world.rank + 1) * self.per_rank]
+        return _to_device(self.splits.x_train[mine], device), _to_device(self.splits.y_train[mine], device)
 
     def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-        for start in range(0, len(self.splits.y_val), 1024):
+        """This rank's share of the validation set: every world.size-th chunk of 1024."""
+        for start in range(1024 * self.world.rank, len(self.splits.y_val), 1024 * self.world.size):
             yield self.splits.x_val[start : start + 1024].to(device), self.splits.y_val[start : start + 1024].to(device)
 
     def tokens_per_batch(self) -> int:
@@ -150,11 +161,18 @@ class _ImageTask:
         return None
 
 
-def make_task(preset: Preset, rank: int = 0, world_size: int = 1) -> _LMTask | _ImageTask:
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    # Pinned host memory lets the copy run asynchronously with the GPU's work.
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def make_task(preset: Preset, world: World = SINGLE) -> _LMTask | _ImageTask:
     if preset.arch == "lipschitz-mlp":
-        return _ImageTask(preset.train)
+        return _ImageTask(preset.train, world)
     context = int(preset.model.get("context", 256))
-    return _LMTask(preset.train, context, rank, world_size)
+    return _LMTask(preset.train, context, world)
 
 
 def loss_and_correct(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -165,7 +183,10 @@ def loss_and_correct(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Te
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], autocast: torch.autocast) -> dict[str, float]:
+def evaluate(
+    model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], autocast: torch.autocast, world: World = SINGLE
+) -> dict[str, float]:
+    """Loss and accuracy over ``batches``; with several ranks, each passes its own share and the sums are pooled."""
     was_training = model.training
     model.eval()
     total_loss, total_correct, total = 0.0, 0, 0
@@ -176,17 +197,14 @@ def evaluate(model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], autocas
         total_correct += int(correct)
         total += y.numel()
     model.train(was_training)
+    device = next(model.parameters()).device
+    total_loss, total_correct, total = distributed.sum_over_ranks([total_loss, total_correct, total], world, device)
     return {"val_loss": total_loss / max(1, total), "val_acc": total_correct / max(1, total)}
 
 
 def max_weight_norm(model: nn.Module) -> float:
-    """Largest RMS->RMS norm over the model's weight matrices (exact; embeddings excluded)."""
-    norms = [
-        float(rms_norm_exact(p, dtype=torch.float32).max())
-        for n, p in model.named_parameters()
-        if p.dim() >= 2 and "embed" not in n
-    ]
-    return max(norms, default=0.0)
+    """Largest RMS->RMS norm over the model's weight matrices (exact; embeddings and position biases excluded)."""
+    return max((float(rms_norm_exact(w, dtype=torch.float32).max()) for w in weight_matrices(model)), default=0.0)
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -202,14 +220,30 @@ def train(
     resume: bool = False,
     on_event: Callable[[Event], None] | None = None,
 ) -> TrainResult:
-    """Train ``preset`` and write the checkpoint to ``out`` (with ``out``.optim.pt and ``out``.log.jsonl)."""
-    validate(preset)
+    """Train ``preset`` and write the checkpoint to ``out`` (with ``out``.optim.pt and ``out``.log.jsonl).
+
+    Under torchrun (or in a process group the caller started) each rank trains on its slice of every
+    global batch with DDP; only rank 0 writes files and calls ``on_event``.
+    """
+    world = distributed.current_world()
+    validate(preset, world.size)
+    device = distributed.process_device(resolve_device(preset.train.device), world)
+    with distributed.joined(device) as world:
+        return _train(preset, Path(out), resume, on_event if world.is_main else None, device, world)
+
+
+def _train(
+    preset: Preset,
+    out: Path,
+    resume: bool,
+    on_event: Callable[[Event], None] | None,
+    device: torch.device,
+    world: World,
+) -> TrainResult:
     t = preset.train
     emit = on_event or (lambda event: None)
-    out = Path(out)
-    device = resolve_device(t.device)
     torch.manual_seed(t.seed)
-    task = make_task(preset)
+    task = make_task(preset, world)
     data_fields = task.model_fields()
     # A preset may pad the data's vocabulary (nanogpt-145m: 50304 for GPT-2's 50257) for faster kernels.
     if preset.model.get("vocab_size", 0) >= data_fields.get("vocab_size", math.inf):
@@ -217,16 +251,19 @@ def train(
     model_config = {**preset.model, **data_fields, "seed": t.seed}
     model = build_model(preset.arch, model_config).to(device)
     lr_mult = {**mass_lr_mult(t.blocks_mass), **t.lr_mult}
-    optimizer = build_optimizer(t.optimizer, model.groups(t.sigma_max, t.caps, lr_mult), t.lr, t.method, t.wd)
+    groups = model.groups(t.sigma_max, t.caps, lr_mult)
+    optimizer = build_optimizer(t.optimizer, groups, t.lr, t.method, t.wd, rank=world.rank, world_size=world.size)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     start_step, history = 0, []
     log_path = out.with_name(out.name + ".log.jsonl")
     if resume:
-        start_step, history = _restore(out, model, optimizer, preset)
-    elif log_path.exists():
+        start_step, history = _restore(out, model, optimizer, preset, world)
+    elif log_path.exists() and world.is_main:
         log_path.unlink()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
-    step_fn = torch.compile(model) if t.compile else model
+    # Compile the DDP wrapper, not the reverse: torch.compile then splits graphs at DDP's bucket boundaries.
+    step_fn = distributed.data_parallel(model, device, world)
+    step_fn = torch.compile(step_fn) if t.compile else step_fn
     train_config = {**asdict(t), "preset": preset.name, "arch": preset.arch}
     emit({"type": "start", "step": start_step, "steps": t.steps, "device": str(device), "params": _n_params(model)})
 
@@ -245,7 +282,8 @@ def train(
             evaluating = (step + 1) % t.eval_every == 0 or step + 1 == t.steps
             # Reading the loss syncs the host with the device: on CUDA do it every 10 steps and before saving.
             check = device.type == "cpu" or (step + 1) % 10 == 0 or evaluating
-            loss_value = float(loss.detach()) if check else None
+            # The mean over ranks: every rank sees the same value, so all stop together on a NaN.
+            loss_value = distributed.mean_over_ranks(loss.detach(), world) if check else None
             if loss_value is not None and not math.isfinite(loss_value):
                 raise TrainingError(_diverged(step, last_saved, out))
             optimizer.zero_grad(set_to_none=True)
@@ -259,7 +297,7 @@ def train(
                 metrics = {
                     "step": step,
                     "train_loss": loss_value,
-                    **evaluate(model, task.eval_batches(device), autocast),
+                    **evaluate(model, task.eval_batches(device), autocast, world),
                     "max_sigma": max_weight_norm(model),
                     "tokens_per_s": tokens / max(elapsed, 1e-9),
                     "peak_memory_mb": _peak_memory_mb(device),
@@ -268,7 +306,9 @@ def train(
                 if not math.isfinite(metrics["val_loss"]):
                     raise TrainingError(f"validation loss is NaN/inf at step {step}; " + _kept(last_saved, out))
                 history.append(metrics)
-                _save(out, model, optimizer, train_config, metrics, step, task, history, log_path)
+                optimizer_state = _full_optimizer_state(optimizer, world)
+                if world.is_main:
+                    _save(out, model, optimizer_state, train_config, metrics, step, task, history, log_path)
                 last_saved = step
                 emit({"type": "eval", **metrics})
     except KeyboardInterrupt:
@@ -281,6 +321,13 @@ def train(
             )
         ) from None
     return TrainResult(out, step, metrics, history)
+
+
+def _full_optimizer_state(optimizer: torch.optim.Optimizer, world: World) -> dict | None:
+    """Every parameter's optimizer state, on rank 0 (None elsewhere): sharded Muon gathers it from the owners."""
+    if isinstance(optimizer, Muon) and world.size > 1:
+        return distributed.gather_sharded_state(optimizer, world)
+    return optimizer.state_dict() if world.is_main else None
 
 
 def _n_params(model: nn.Module) -> int:
@@ -297,18 +344,27 @@ def _diverged(step: int, last_saved: int | None, out: Path) -> str:
     return f"loss became NaN/inf at step {step}; " + _kept(last_saved, out)
 
 
-def _save(out, model, optimizer, train_config, metrics, step, task, history, log_path) -> None:
+def _save(out, model, optimizer_state, train_config, metrics, step, task, history, log_path) -> None:
     checkpoint.save(out, model, train_config=train_config, metrics=metrics, step=step, tokenizer=task.tokenizer_dict())
-    checkpoint.save_optimizer(out, optimizer.state_dict(), {"step": step, "history": json.dumps(history)})
+    checkpoint.save_optimizer(out, optimizer_state, {"step": step, "history": json.dumps(history)})
     with log_path.open("a") as f:
         f.write(json.dumps(metrics, allow_nan=False) + "\n")
 
 
-def _restore(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset) -> tuple[int, list]:
+def _restore(
+    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset, world: World
+) -> tuple[int, list]:
+    """Continue from ``out``: rank 0 alone reads the files (DDP's constructor then copies its weights to the others)."""
+    state = distributed.on_main(lambda: _read_checkpoint(out, model, preset), world)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["history"]
+
+
+def _read_checkpoint(out: Path, model: nn.Module, preset: Preset) -> dict[str, Any]:
+    """Load the weights of ``out`` into ``model``; return its optimizer state, step and history."""
     ckpt = checkpoint.load(out)
     if ckpt.arch != preset.arch:
         raise TrainingError(f"--resume: {out} holds a {ckpt.arch} model, the preset trains {preset.arch}")
     model.load_state_dict(ckpt.model.state_dict())
     state = checkpoint.load_optimizer(out)
-    optimizer.load_state_dict(state["optimizer"])
-    return ckpt.step, json.loads(state["extra"]["history"])
+    return {"optimizer": state["optimizer"], "step": ckpt.step, "history": json.loads(state["extra"]["history"])}

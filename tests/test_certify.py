@@ -25,7 +25,9 @@ def _cap(model: torch.nn.Module, sigma_max: float) -> torch.nn.Module:
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if not name.startswith("embed"):
+            if "position_bias" in name:  # input-independent and uncapped: any value must stay sound
+                p.copy_(torch.randn(p.shape, generator=gen) * 5)
+            elif not name.startswith("embed"):
                 p.copy_(project(torch.randn(p.shape, generator=gen) * 3, "svd", CapContext(sigma_max)))
     return model
 
@@ -42,6 +44,8 @@ def _bounds(model: torch.nn.Module) -> tuple[float, float]:
         {"softmax_scale": 1.0},
         {"softmax_scale": 8.0, "final_scale": 4.0},
         {"softmax_scale": 30.0, "n_heads": 4, "residual_scale": 2.0},
+        {"softmax_scale": 8.0, "position_bias": True},
+        {"softmax_scale": 0.5, "position_bias": True, "attn_out_scale": 1.0, "mlp_gain": 4.0},
     ],
 )
 def test_gpt_bounds_exceed_measured_sensitivity(config):

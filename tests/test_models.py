@@ -13,7 +13,7 @@ from lipcli.models import (
     config_dict,
     config_from_dict,
 )
-from lipcli.nn import GELU_MAX_SLOPE, Residual
+from lipcli.nn import ATTENTION_OUT_FACTOR, GELU_MAX_SLOPE, Attention, Residual
 from lipcli.spectral import rms_norm_exact
 
 CFG = GPTConfig(vocab_size=11, d_model=24, n_layers=2, n_heads=3, context=12)
@@ -38,8 +38,9 @@ def test_gpts_run_under_fp32_and_bf16_autocast(cls, dtype):
     assert torch.isfinite(logits.float()).all()
 
 
-def test_attention_is_causal():
-    model = LipschitzGPT(GPTConfig(**{**CFG.__dict__, "zero_init": False}))
+@pytest.mark.parametrize("position_bias", [False, True])
+def test_attention_is_causal(position_bias):
+    model = LipschitzGPT(GPTConfig(**{**CFG.__dict__, "zero_init": False, "position_bias": position_bias}))
     tokens = torch.randint(0, 11, (1, 12))
     changed = tokens.clone()
     changed[0, -1] = (changed[0, -1] + 1) % 11
@@ -100,17 +101,61 @@ def test_residual_bound_with_linear_inner_is_exact():
 
 
 def test_gpt_bound_rows_follow_the_papers_formula():
-    model = LipschitzGPT(GPTConfig(**{**CFG.__dict__, "zero_init": False, "softmax_scale": 2.0, "final_scale": 3.0}))
+    changes = {"zero_init": False, "softmax_scale": 2.0, "final_scale": 3.0, "attn_out_scale": 0.5, "mlp_gain": 3.0}
+    model = LipschitzGPT(GPTConfig(**{**CFG.__dict__, **changes}))
     rows = dict(model.bound(_exact))
     a = 1.0 / (2 * CFG.n_layers)
     attn = model.blocks[0].attn.inner
     nq, nk, nv, no = (_largest(m.weight) for m in (attn.q, attn.k, attn.v, attn.o))
     r = model.embed.max_row_rms()
-    l_att = no / 3 * (nv + 2 * nv * r**2 * nq * nk * 2.0)
+    l_att = no * 0.5 * (nv + 2 * nv * r**2 * nq * nk * 2.0)
     assert rows["block0.attn"].log10_lipschitz == pytest.approx(math.log10(1 - a + a * l_att))
-    assert rows["block0.attn"].out_norm == pytest.approx((1 - a) * r + a * no * nv / 3 * r)
+    assert rows["block0.attn"].out_norm == pytest.approx((1 - a) * r + a * no * nv * 0.5 * r)
     mlp = model.blocks[0].mlp.inner
     n_in, n_out = _largest(mlp.fc_in.weight), _largest(mlp.fc_out.weight)
     r1 = rows["block0.attn"].out_norm
     assert rows["block0.mlp"].out_norm == pytest.approx((1 - a) * r1 + a * n_in * n_out / GELU_MAX_SLOPE * r1)
     assert rows["head"].log10_lipschitz == pytest.approx(math.log10(3.0 * _largest(model.head.weight)))
+
+
+def test_position_bias_attention_is_softmax_of_scaled_scores_plus_offset_bias():
+    """Against the definition: p_ts = softmax_s(scale q_t.k_s + b[h, t - s]) over s <= t."""
+    gen = torch.Generator().manual_seed(0)
+    attn = Attention(d_model=12, n_heads=3, softmax_scale=5.0, zero_init=False, position_context=8)
+    for module in (attn.q, attn.k, attn.v, attn.o):
+        module.reset_parameters(gen)
+    with torch.no_grad():
+        attn.position_bias.weight.copy_(torch.randn(3, 8, generator=gen) * 4)
+    x = torch.randn(2, 7, 12, generator=gen)
+    q, k, v = attn.rotary(attn.q(x)), attn.rotary(attn.k(x)), attn.v(x)
+    scores = torch.einsum("bhte,bhse->bhts", q, k) * 5.0 / 4
+    bias = attn.position_bias.weight.detach()
+    expected_logits = torch.full((2, 3, 7, 7), -math.inf)
+    for t in range(7):
+        for s in range(t + 1):
+            expected_logits[:, :, t, s] = scores[:, :, t, s] + bias[:, t - s]
+    y = (expected_logits.softmax(dim=-1) @ v).transpose(1, 2).reshape(2, 7, 12)
+    torch.testing.assert_close(attn.logits(x), expected_logits)
+    torch.testing.assert_close(attn(x), attn.o(y * ATTENTION_OUT_FACTOR))
+    with pytest.raises(ValueError, match="longer than the position bias"):
+        attn(torch.randn(1, 9, 12))
+
+
+def test_position_bias_starts_local_and_is_a_free_group():
+    model = LipschitzGPT(GPTConfig(**{**CFG.__dict__, "position_bias": True}))
+    bias = model.blocks[0].attn.inner.position_bias.weight
+    assert bias.shape == (CFG.n_heads, CFG.context)
+    assert bool((bias[:, 1:] < bias[:, :-1]).all())  # every head prefers nearer tokens at init
+    kinds = {g.name: g.kind for g in model.groups(1.0, {}, {})}
+    assert kinds["attn_pos"] == "free" and kinds["embed"] == "embed" and kinds["attn_qk"] == "matrix"
+
+
+def test_mlp_gain_moves_the_gelu_operating_point_and_cancels_in_the_bound():
+    x = torch.randn(3, 5, 24, generator=torch.Generator().manual_seed(0))
+    plain = LipschitzGPT(GPTConfig(**{**CFG.__dict__, "zero_init": False}))
+    gained = LipschitzGPT(GPTConfig(**{**CFG.__dict__, "zero_init": False, "mlp_gain": 4.0}))
+    mlp = gained.blocks[0].mlp.inner
+    expected = mlp.fc_out(torch.nn.functional.gelu(4.0 * mlp.fc_in(x)) / (4.0 * GELU_MAX_SLOPE))
+    torch.testing.assert_close(mlp(x), expected)
+    assert not torch.allclose(mlp(x), plain.blocks[0].mlp.inner(x))  # same weights, another nonlinearity
+    assert [b.log10_lipschitz for _, b in gained.bound(_exact)] == [b.log10_lipschitz for _, b in plain.bound(_exact)]

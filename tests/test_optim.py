@@ -125,3 +125,22 @@ def test_identical_seeds_give_identical_training():
         return torch.cat([p.detach().flatten() for p in model.parameters()])
 
     assert torch.equal(run(), run())
+
+
+def test_muon_trains_position_biases_without_capping_them():
+    model = LipschitzGPT(GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, position_bias=True))
+    opt = build_optimizer("muon", model.groups(1.0, {}, {}), lr=0.5, method="softcap", wd=0.0)
+    bias = model.blocks[0].attn.inner.position_bias.weight
+    before = bias.detach().clone()
+    tokens = torch.randint(0, 13, (8, 17), generator=torch.Generator().manual_seed(3))
+    for _ in range(10):
+        loss = _lm_loss(model, tokens)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    moved = (bias.detach() - before).pow(2).mean(dim=-1).sqrt()
+    assert bool((moved > 0.1).all())  # each head's row took real steps
+    assert float(torch.linalg.svdvals(bias.detach())[0]) > 1.0  # and no spectral cap was applied to it
+    for name, p in model.named_parameters():
+        if p.dim() >= 2 and "embed" not in name and "position_bias" not in name:
+            assert float(rms_norm_exact(p).max()) <= 1.0 + 1e-3, name

@@ -86,3 +86,16 @@ def test_fixed_seed_is_deterministic():
 def test_rejects_bad_arguments(shape, norm, kwargs):
     with pytest.raises(ValueError):
         measure_sensitivity(lambda x: x, shape, norm, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["lipschitz-gpt", "lipschitz-mlp"])
+def test_checkpoint_sensitivity_searches_the_certificates_norm_pair(tmp_path, arch):
+    from lipcli import checkpoint
+    from lipcli.certification import certify
+    from lipcli.sensitivity import checkpoint_sensitivity
+
+    config = {**TINY_GPT, "position_bias": True} if arch == "lipschitz-gpt" else {"input_dim": 6, "hidden": 8}
+    path = checkpoint.save(tmp_path / "model.safetensors", build_model(arch, config))
+    measured = checkpoint_sensitivity(path, steps=30, restarts=1)
+    bound = 10 ** certify(path).log10_bound
+    assert bound / 100 < measured <= bound

@@ -1,0 +1,470 @@
+"""Sweeps: the Lipschitz-vs-accuracy frontier over optimizers, constraint methods and sigma_max.
+
+Each point of the grid trains one model, certifies it (tight and paper bounds) and profiles its largest
+activation. A point's row is saved to ``DIR/points/<name>.json`` the moment it finishes, so a killed sweep
+continues where it stopped; ``DIR/results.csv``, ``DIR/results.json`` and ``DIR/frontier.png`` are
+rewritten at the end. ``DIR/sweep.json`` pins the base settings: a directory holds one sweep.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint
+from .activations import profile
+from .certification import certify
+from .constraints import METHODS, get_method, no_constraint
+from .data import DataError
+from .files import atomic_write, one_line, strict_json
+from .optim import check_method
+from .presets import Preset, apply_overrides, load_preset
+from .training import TrainingError, train, validate
+
+Event = dict[str, Any]
+EventHandler = Callable[[Event], None]
+
+# Methods that never read sigma_max (none, wd): one point each instead of one per sigma.
+SIGMA_FREE_METHODS = tuple(name for name, method in METHODS.items() if method.apply is no_constraint)
+GRID_KEYS = ("optimizer", "method", "sigma_max")
+# The baseline gets the sweep's size, data and budget; its optimizer recipe (optimizer, lr, wd, ...) stays its own.
+SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "context", "mlp_ratio")
+BUDGET_FIELDS = ("data", "val_data", "tokenizer", "val_fraction", "steps", "batch_size", "eval_every",
+                 "eval_batches", "seed", "device", "dtype", "compile")  # fmt: skip
+PANELS = (("val_acc", "validation accuracy"), ("val_loss", "validation loss"))
+PROFILE_BATCHES = 2
+PROFILE_BATCH_SIZE = 16
+_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the sweep: a name (its file names in DIR) and the fully resolved preset it trains."""
+
+    name: str
+    preset: Preset
+    baseline: bool = False
+
+    @property
+    def sigma_max(self) -> float | None:
+        """The cap this point varies; None where it means nothing (the baseline, none, wd)."""
+        if self.baseline or self.preset.train.method in SIGMA_FREE_METHODS:
+            return None
+        return self.preset.train.sigma_max
+
+
+@dataclass(frozen=True)
+class Row:
+    """One finished run; bounds are +inf where the architecture has none (the baseline)."""
+
+    name: str
+    preset: str
+    optimizer: str
+    method: str
+    sigma_max: float | None
+    baseline: bool
+    log10_tight: float
+    log10_paper: float
+    val_loss: float
+    val_acc: float
+    max_activation: float
+    wall_s: float  # training (summed over resumes) plus certificate and activation profile
+    checkpoint: str
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Row:
+        # Strict JSON stores an infinite bound as null.
+        unbounded = {key: math.inf for key in ("log10_tight", "log10_paper") if values[key] is None}
+        return cls(**{**values, **unbounded})
+
+
+COLUMNS = tuple(f.name for f in fields(Row))
+
+
+@dataclass(frozen=True)
+class Skipped:
+    optimizer: str
+    method: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Failure:
+    name: str
+    error: str
+
+
+@dataclass
+class Grid:
+    points: list[Point]
+    skipped: list[Skipped]
+    notes: list[str]
+
+
+@dataclass
+class SweepResult:
+    out_dir: Path
+    rows: list[Row]  # sorted by tight bound, unbounded last
+    skipped: list[Skipped] = field(default_factory=list)
+    failed: list[Failure] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def files(self) -> dict[str, Path]:
+        return {"csv": self.out_dir / "results.csv", "json": self.out_dir / "results.json",
+                "plot": self.out_dir / "frontier.png"}  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "out_dir": str(self.out_dir),
+            "rows": [asdict(row) for row in self.rows],
+            "skipped": [asdict(s) for s in self.skipped],
+            "failed": [asdict(f) for f in self.failed],
+            "notes": self.notes,
+            "files": {kind: str(path) for kind, path in self.files.items()},
+        }
+
+
+def sweep(
+    preset_name: str,
+    optimizers: Sequence[str],
+    methods: Sequence[str],
+    sigmas: Sequence[float],
+    out_dir: str | Path,
+    steps: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    baseline: bool | str = True,
+    jobs: int = 1,
+    on_event: EventHandler | None = None,
+) -> SweepResult:
+    """Train, certify and profile every valid (optimizer, method, sigma_max) of the grid, plus a baseline.
+
+    ``baseline``: True for the preset's unconstrained reference (shakespeare-baseline), a preset name, or False.
+    A failed run is reported in ``failed`` while the others go on; bad input raises ValueError before any run.
+    """
+    emit = on_event or _ignore
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1 (got {jobs})")
+    _figure_class()  # a missing matplotlib should fail now, not after hours of training
+    base = base_preset(preset_name, steps, overrides or {})
+    grid = expand_grid(base, optimizers, methods, sigmas)
+    extra = baseline_point(base, baseline)
+    points = grid.points + ([extra] if extra else [])
+    for point in points:
+        validate(point.preset)
+    out_dir = Path(out_dir)
+    _pin_settings(out_dir, base)
+    saved = {p.name: row for p in points if (row := _saved_row(out_dir, p.name)) is not None}
+    todo = [p for p in points if p.name not in saved]
+    emit({"type": "sweep_start", "points": [p.name for p in points], "todo": [p.name for p in todo],
+          "steps": base.train.steps})  # fmt: skip
+    for row in saved.values():
+        emit({"type": "point_done", "point": row.name, "row": asdict(row), "cached": True})
+    if jobs == 1 or not todo:
+        rows, failed = _run_serial(todo, out_dir, emit)
+    else:
+        rows, failed = _run_parallel(todo, out_dir, jobs, emit)
+    result = SweepResult(out_dir, _by_bound([*saved.values(), *rows]), grid.skipped, failed, grid.notes)
+    write_results(result)
+    return result
+
+
+def base_preset(preset_name: str, steps: int | None, overrides: Mapping[str, Any]) -> Preset:
+    """The preset every grid point starts from; the grid's own keys cannot be overridden."""
+    for key in overrides:
+        if key.rpartition(".")[2] in GRID_KEYS:
+            raise ValueError(f"--set {key}: the sweep sets it; use --optimizer, --method or --sigma-max")
+    budget = {} if steps is None else {"train.steps": steps}
+    return apply_overrides(load_preset(preset_name), {**budget, **overrides})
+
+
+def expand_grid(base: Preset, optimizers: Sequence[str], methods: Sequence[str], sigmas: Sequence[float]) -> Grid:
+    """Every valid (optimizer, method, sigma_max) point, the invalid pairs with their reasons, and notes."""
+    optimizers, methods, sigmas = (list(dict.fromkeys(v)) for v in (optimizers, methods, sigmas))
+    _check_axes(optimizers, methods, sigmas)
+    points: dict[str, Point] = {}
+    skipped: list[Skipped] = []
+    for optimizer in optimizers:
+        for method in methods:
+            try:
+                check_method(optimizer, method)
+            except ValueError as exc:
+                skipped.append(Skipped(optimizer, method, str(exc)))
+                continue
+            for sigma in [None] if method in SIGMA_FREE_METHODS else sigmas:
+                point = grid_point(base, optimizer, method, sigma)
+                points.setdefault(point.name, point)
+    if not points:
+        raise ValueError(f"no (optimizer, method) pair of the grid can run: {skipped[0].reason}")
+    return Grid(list(points.values()), skipped, _notes(base, methods, sigmas))
+
+
+def _check_axes(optimizers: list[str], methods: list[str], sigmas: list[float]) -> None:
+    for option, values in (("--optimizer", optimizers), ("--method", methods), ("--sigma-max", sigmas)):
+        if not values:
+            raise ValueError(f"{option} needs at least one value")
+    for optimizer in optimizers:
+        check_method(optimizer, "none")  # none pairs with every optimizer: this rejects only unknown names
+    for method in methods:
+        get_method(method)
+    for sigma in sigmas:
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"--sigma-max values must be finite and > 0 (got {sigma:g})")
+
+
+def _notes(base: Preset, methods: list[str], sigmas: list[float]) -> list[str]:
+    notes = [f"{m} ignores sigma_max: one run per optimizer, not one per sigma" for m in methods
+             if m in SIGMA_FREE_METHODS and len(sigmas) > 1]  # fmt: skip
+    if "wd" in methods and base.train.wd == 0:
+        notes.append("wd with train.wd = 0 trains unconstrained, like none: add --set train.wd=VALUE")
+    return notes
+
+
+def grid_point(base: Preset, optimizer: str, method: str, sigma: float | None) -> Point:
+    """``base`` with one grid value each; ``sigma`` None keeps the preset's (for methods that ignore it)."""
+    name = f"{optimizer}-{method}" if sigma is None else f"{optimizer}-{method}-{sigma:g}"
+    axes = {"train.optimizer": optimizer, "train.method": method}
+    return Point(name, apply_overrides(base, axes if sigma is None else {**axes, "train.sigma_max": float(sigma)}))
+
+
+def baseline_point(base: Preset, baseline: bool | str) -> Point | None:
+    """The unconstrained reference at the sweep's size, data and budget (None when ``baseline`` is False)."""
+    if baseline is False:
+        return None
+    if baseline is True and not base.name.startswith("shakespeare"):
+        raise ValueError(f"no default baseline for preset {base.name}: use --baseline-preset NAME or --no-baseline")
+    reference = load_preset("shakespeare-baseline" if baseline is True else baseline)
+    shape = {f"model.{key}": base.model[key] for key in SHAPE_FIELDS if key in base.model}
+    budget = {f"train.{key}": getattr(base.train, key) for key in BUDGET_FIELDS}
+    return Point(reference.name, apply_overrides(reference, {**shape, **budget}), baseline=True)
+
+
+def _settings(base: Preset) -> dict[str, Any]:
+    train_config = {key: value for key, value in asdict(base.train).items() if key not in GRID_KEYS}
+    # Through JSON so a fresh dict compares equal to the one read back from disk.
+    return json.loads(strict_json({"preset": base.name, "arch": base.arch, "model": base.model, "train": train_config}))
+
+
+def _flat(settings: dict[str, Any]) -> dict[str, Any]:
+    """``{"train": {"steps": 6}}`` as ``{"train.steps": 6}``, so a difference can be named."""
+    flat: dict[str, Any] = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{name}": item for name, item in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def _pin_settings(out_dir: Path, base: Preset) -> None:
+    """Record the base settings in DIR/sweep.json, or refuse a directory that holds a sweep of other settings."""
+    path = out_dir / "sweep.json"
+    settings = _settings(base)
+    if not path.exists():
+        atomic_write(path, lambda tmp: tmp.write_text(strict_json(settings)))
+        return
+    pinned, current = _flat(json.loads(path.read_text())), _flat(settings)
+    changed = sorted(key for key in pinned.keys() | current.keys() if pinned.get(key) != current.get(key))
+    if changed:
+        diff = ", ".join(f"{key} {pinned.get(key)!r} -> {current.get(key)!r}" for key in changed[:3])
+        raise ValueError(f"{out_dir} holds a sweep with other settings ({diff}); use another --out")
+
+
+def _point_path(out_dir: Path, name: str) -> Path:
+    return out_dir / "points" / f"{name}.json"
+
+
+def _saved_row(out_dir: Path, name: str) -> Row | None:
+    path = _point_path(out_dir, name)
+    return Row.from_dict(json.loads(path.read_text())) if path.exists() else None
+
+
+def run_point(point: Point, out_dir: Path, emit: EventHandler) -> Row:
+    """Train (or finish training), certify and profile one point; save and return its row."""
+    path = out_dir / "runs" / f"{point.name}.safetensors"
+    # A killed point continues from its last checkpoint rather than restarting: DIR/sweep.json and the point's
+    # name pin its settings, and train(resume=True) gives the same result as an uninterrupted run.
+    resume = path.exists() and checkpoint.optimizer_path(path).exists()
+    result = train(point.preset, path, resume=resume, on_event=lambda event: emit({**event, "point": point.name}))
+    measured_from = time.perf_counter()
+    report = certify(result.checkpoint)
+    activations = profile(result.checkpoint, batches=PROFILE_BATCHES, batch_size=PROFILE_BATCH_SIZE,
+                          device=point.preset.train.device)  # fmt: skip
+    t, metrics = point.preset.train, result.metrics
+    row = Row(name=point.name, preset=point.preset.name, optimizer=t.optimizer, method=t.method,
+              sigma_max=point.sigma_max, baseline=point.baseline, log10_tight=report.log10_tight,
+              log10_paper=report.log10_paper, val_loss=metrics["val_loss"], val_acc=metrics["val_acc"],
+              max_activation=activations.max_abs, wall_s=metrics["wall_s"] + time.perf_counter() - measured_from,
+              checkpoint=str(path))  # fmt: skip
+    atomic_write(_point_path(out_dir, point.name), lambda tmp: tmp.write_text(strict_json(asdict(row))))
+    return row
+
+
+def _run_serial(points: list[Point], out_dir: Path, emit: EventHandler) -> tuple[list[Row], list[Failure]]:
+    rows, failed = [], []
+    for point in points:
+        try:
+            rows.append(_finished(point, run_point(point, out_dir, emit), emit))
+        except DataError:
+            raise  # the data is every point's: stop at the first as bad input
+        except KeyboardInterrupt:
+            raise _interrupted(out_dir) from None
+        except Exception as exc:
+            # train() turns Ctrl-C into a TrainingError; its context still says so.
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                raise _interrupted(out_dir) from None
+            failed.append(_failure(point, exc, emit))
+    return rows, failed
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# In a worker process: the queue to the parent and the parent's stop flag, set by _start_worker.
+_worker_events: Any = None
+_worker_stop: Any = None
+
+
+def _start_worker(events: Any, stop: Any, threads: int) -> None:
+    """A worker's share of the cores, the queue that carries its training events home, and the stop flag."""
+    global _worker_events, _worker_stop
+    torch.set_num_threads(threads)
+    _worker_events, _worker_stop = events, stop
+
+
+def _worker_emit(event: Event) -> None:
+    if _worker_stop.is_set():
+        raise KeyboardInterrupt  # the parent stopped: end the run as Ctrl-C does, keeping its last checkpoint
+    _worker_events.put(event)
+
+
+def _run_in_worker(point: Point, out_dir: Path) -> Row:
+    return run_point(point, out_dir, _worker_emit)
+
+
+def _run_parallel(points: list[Point], out_dir: Path, jobs: int, emit: EventHandler) -> tuple[list[Row], list[Failure]]:
+    context = multiprocessing.get_context("spawn")
+    # A SimpleQueue writes synchronously: a point's events are in the pipe before its result is.
+    events, stop = context.SimpleQueue(), context.Event()
+    threads = max(1, _cores() // jobs)
+    pool = ProcessPoolExecutor(
+        min(jobs, len(points)), mp_context=context, initializer=_start_worker, initargs=(events, stop, threads)
+    )
+    futures = {pool.submit(_run_in_worker, point, out_dir): point for point in points}
+    try:
+        return _collect(futures, events, emit)
+    except BaseException as exc:
+        # Stop the running points at their next step and drop the queued ones; finished rows are saved already.
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        while not all(future.done() for future in futures):
+            wait(futures, timeout=_POLL_S)
+            _forward(events, _ignore)  # a worker blocked on a full pipe could never see the stop flag
+        if isinstance(exc, KeyboardInterrupt):
+            raise _interrupted(out_dir) from None
+        raise
+    finally:
+        pool.shutdown()
+
+
+def _collect(futures: dict[Future[Row], Point], events: Any, emit: EventHandler) -> tuple[list[Row], list[Failure]]:
+    rows, failed, pending = [], [], set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+        _forward(events, emit)
+        for future in done:
+            point, error = futures[future], future.exception()
+            if isinstance(error, DataError):
+                raise error
+            if error is None:
+                rows.append(_finished(point, future.result(), emit))
+            else:
+                failed.append(_failure(point, error, emit))
+    return rows, failed
+
+
+def _forward(events: Any, emit: EventHandler) -> None:
+    while not events.empty():
+        emit(events.get())
+
+
+def _finished(point: Point, row: Row, emit: EventHandler) -> Row:
+    emit({"type": "point_done", "point": point.name, "row": asdict(row), "cached": False})
+    return row
+
+
+def _failure(point: Point, exc: BaseException, emit: EventHandler) -> Failure:
+    message = one_line(exc) if isinstance(exc, TrainingError) else f"{type(exc).__name__}: {one_line(exc)}"
+    emit({"type": "point_failed", "point": point.name, "error": message})
+    return Failure(point.name, message)
+
+
+def _interrupted(out_dir: Path) -> TrainingError:
+    return TrainingError(f"sweep interrupted; finished points are kept in {out_dir}: rerun the same command to go on")
+
+
+def _by_bound(rows: list[Row]) -> list[Row]:
+    return sorted(rows, key=lambda row: (row.log10_tight, row.name))
+
+
+def _ignore(event: Event) -> None:
+    """The default on_event: no progress reporting."""
+
+
+def write_results(result: SweepResult) -> None:
+    """results.csv and results.json (one row per run) and frontier.png, each written atomically."""
+    files = result.files
+    atomic_write(files["csv"], lambda tmp: _write_csv(result.rows, tmp))
+    atomic_write(files["json"], lambda tmp: tmp.write_text(strict_json(result.to_dict()) + "\n"))
+    plot_frontier(result.rows, files["plot"])
+
+
+def _write_csv(rows: list[Row], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in rows)
+
+
+def _figure_class() -> type:
+    try:
+        # The object-oriented Figure draws straight to a file: no pyplot state, no display backend.
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ValueError("sweep plots frontier.png with matplotlib: pip install 'lipcli[plot]'") from None
+    return Figure
+
+
+def plot_frontier(rows: list[Row], path: str | Path) -> Path:
+    """Validation accuracy and loss against log10 tight bound: a line per (optimizer, method), baselines dashed."""
+    fig = _figure_class()(figsize=(12, 4.8))
+    panels = fig.subplots(1, 2)
+    lines: dict[tuple[str, str], list[Row]] = {}
+    for row in _by_bound([r for r in rows if not r.baseline and math.isfinite(r.log10_tight)]):
+        lines.setdefault((row.optimizer, row.method), []).append(row)
+    for ax, (metric, label) in zip(panels, PANELS, strict=True):
+        for (optimizer, method), line in lines.items():
+            ax.plot([r.log10_tight for r in line], [getattr(r, metric) for r in line], marker="o",
+                    label=f"{optimizer} + {method}")  # fmt: skip
+        for row in (r for r in rows if r.baseline):
+            ax.axhline(getattr(row, metric), color="gray", linestyle="--", label=f"{row.name} (no bound)")
+        ax.set_xlabel("log10 certified Lipschitz bound (tight)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    panels[0].legend(fontsize="small")
+    fig.tight_layout()
+    path = Path(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
