@@ -99,7 +99,13 @@ def train(
     set_: Annotated[
         list[str] | None,
         typer.Option(
-            "--set", help="Override any preset field, e.g. --set model.final_scale=8 --set train.caps='{\"head\": 4}'."
+            "--set",
+            help="Override any preset field, e.g. --set model.final_scale=8 --set train.caps='{\"head\": 4}'. "
+            "Where the Lipschitz budget goes (all counted by certify; README 'Spending the Lipschitz budget'): "
+            "model.final_scale, model.softmax_scale, model.attn_out_scale, model.residual_scale (these multiply "
+            "into the bound); model.position_bias, model.mlp_gain (free: they leave the bound unchanged); "
+            "train.caps (per-group caps: embed, attn_qk, attn_v, attn_out, mlp_in, mlp_out, head), "
+            "train.lr_mult, train.blocks_mass, train.embed_inflation, train.warmup, train.schedule.",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
@@ -225,21 +231,26 @@ def _run_torchrun(nproc: int, args: list[str]) -> int:
         return process.wait()
 
 
+def _progress_bar(label: str, enabled: bool) -> Progress:
+    """A bar with a status text field, on stderr so --json output stays clean."""
+    return Progress(
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=not enabled,
+    )
+
+
 class _TrainProgress:
     """A rich progress bar fed by the trainer's events (on stderr, so --json stays clean)."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=stderr,
-            disable=not enabled,
-        )
+        self.progress = _progress_bar("train", enabled)
         self.task = None
         self.fields: dict[str, str] = {"loss": "-", "acc": "-", "sigma": "-", "tok/s": "-"}
 
@@ -278,6 +289,8 @@ def _fmt(value: Any) -> str:
 
 
 def _fmt_bound(log10_bound: float) -> str:
+    if log10_bound == -math.inf:
+        return "0"  # a constant map (e.g. a zero head)
     if not math.isfinite(log10_bound):
         return "unbounded"
     return f"{10**log10_bound:.4g}" if log10_bound < 6 else f"10^{log10_bound:.1f}"
@@ -586,6 +599,12 @@ def sweep_command(
         str, typer.Option(help="Comma list of caps (RMS->RMS norm); none and wd ignore it and run once.")
     ] = "0.5,1,2,4,8",
     steps: Annotated[int | None, typer.Option(help="Optimizer steps of every run, the baseline's too.")] = None,
+    decay: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of decay strengths for the wd method, its knob (default: the preset's train.wd)."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a preset field in every run, e.g. --set train.lr=0.05.")
     ] = None,
@@ -613,7 +632,8 @@ def sweep_command(
         grid = (_comma_list(optimizer), _comma_list(method), _comma_floats(sigma_max, "--sigma-max"))
         overrides = parse_set_options(set_ or [])
         with progress:
-            result = sweep(preset, *grid, out, steps=steps, overrides=overrides,
+            decays = _comma_floats(decay, "--decay") if decay is not None else None
+            result = sweep(preset, *grid, out, steps=steps, decays=decays, overrides=overrides,
                            baseline=baseline_preset or baseline, jobs=jobs, on_event=progress.on_event)  # fmt: skip
     # Escaped: messages hold paths, and rich would read [brackets] in them as markup.
     except TrainingError as exc:
@@ -645,16 +665,7 @@ class _SweepProgress:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("[bold]sweep"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=stderr,
-            disable=not enabled,
-        )
+        self.progress = _progress_bar("sweep", enabled)
         self.task = None
         self.steps_per_run = 0
         self.runs = 0

@@ -72,7 +72,8 @@ def _collect_groups(
         if isinstance(module, (Linear, HeadLinear, Embedding, PositionBias)):
             by_name.setdefault(module.group, (module.constraint_kind, []))[1].append(module.weight)
     return [
-        Group(name, params, kind=kind, sigma_max=caps.get(name, sigma_max), lr_mult=lr_mult.get(name, 1.0))
+        # Embedding rows keep unit RMS unless capped by name: sigma_max bounds matrices, not the input domain.
+        Group(name, params, kind, caps.get(name, 1.0 if kind == "embed" else sigma_max), lr_mult.get(name, 1.0))
         for name, (kind, params) in by_name.items()
     ]
 
@@ -81,6 +82,11 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         a = config.residual_scale / (2 * config.n_layers)
+        if not 0 < a < 1:
+            raise ValueError(
+                f"residual_scale / (2 n_layers) = {a:g} must lie in (0, 1): at 1 a block drops its skip path "
+                f"(with zero-init outputs nothing ever trains); lower model.residual_scale below {2 * config.n_layers}"
+            )
         position_context = config.context if config.position_bias else 0
         attention = Attention(
             config.d_model, config.n_heads, config.softmax_scale, config.zero_init, position_context,

@@ -24,9 +24,17 @@ MUON_METHODS = ("none", "wd", "spec-wd", "normalize", "softcap", "hardcap", "svd
 ADAMW_METHODS = ("none", "wd", "spec-wd", "normalize", "hammer", "hardcap", "svd")
 
 
-def check_method(optimizer: str, method: str) -> None:
-    """Reject pairs whose guarantee or purpose the optimizer cannot honour, with the reason."""
+DECAY_METHODS = ("wd", "spec-wd")
+
+
+def check_method(optimizer: str, method: str, wd: float | None = None) -> None:
+    """Reject pairs whose guarantee or purpose the optimizer cannot honour, with the reason.
+
+    With ``wd`` given, also reject a decay method that would decay nothing (it would train unconstrained).
+    """
     get_method(method)
+    if method in DECAY_METHODS and wd is not None and wd <= 0:
+        raise ValueError(f"method {method} constrains only through --wd, which is {wd:g}: pass --wd (e.g. 0.1)")
     if optimizer == "adamw" and method not in ADAMW_METHODS:
         raise ValueError(
             "softcap's guarantee needs a known bound on each step's spectral norm, which only Muon gives; "
@@ -84,7 +92,7 @@ def cap_embedding_rows(weight: Tensor, max_rms: float = 1.0) -> Tensor:
 
 def _apply_constraint(p: Tensor, group: dict, state: dict, step_norm: float | None) -> None:
     if group["kind"] == "embed":
-        p.copy_(cap_embedding_rows(p))
+        p.copy_(cap_embedding_rows(p, group["sigma_max"]))
         return
     if group["kind"] != "matrix" or group["method"] == "none":
         return
@@ -227,10 +235,14 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     rank: int = 0,
     world_size: int = 1,
+    embed_inflation: float = 16.0,
 ) -> torch.optim.Optimizer:
     """Muon sharded over ``world_size`` ranks, or AdamW (every rank repeats the same step: it is cheap)."""
     check_method(name, method)
     param_dicts = param_groups(groups, lr, method, wd)
     if name == "muon":
-        return Muon(param_dicts, lr=lr, weight_decay=wd, method=method, rank=rank, world_size=world_size)
+        return Muon(
+            param_dicts, lr=lr, weight_decay=wd, method=method, embed_inflation=embed_inflation, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
     return ConstrainedAdamW(param_dicts, lr=lr, weight_decay=wd, betas=betas)

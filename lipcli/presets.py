@@ -36,6 +36,7 @@ class TrainConfig:
     sigma_max: float = 1.0  # cap on every matrix's RMS->RMS operator norm (the paper's w_max)
     caps: dict[str, float] = field(default_factory=dict)  # per-group caps overriding sigma_max
     lr_mult: dict[str, float] = field(default_factory=dict)  # per-group learning-rate multipliers
+    embed_inflation: float = 16.0  # Muon: the most a rare token's (row-normalized) embedding step is scaled up
     blocks_mass: float | None = None  # Modula-style lr split between embed/head and blocks (None: even)
     lr: float = 0.1
     wd: float = 0.0

@@ -73,6 +73,7 @@ class Row:
     optimizer: str
     method: str
     sigma_max: float | None
+    wd: float
     baseline: bool
     log10_tight: float
     log10_paper: float
@@ -143,6 +144,7 @@ def sweep(
     sigmas: Sequence[float],
     out_dir: str | Path,
     steps: int | None = None,
+    decays: Sequence[float] | None = None,
     overrides: Mapping[str, Any] | None = None,
     baseline: bool | str = True,
     jobs: int = 1,
@@ -151,6 +153,7 @@ def sweep(
     """Train, certify and profile every valid (optimizer, method, sigma_max) of the grid, plus a baseline.
 
     ``baseline``: True for the preset's unconstrained reference (shakespeare-baseline), a preset name, or False.
+    ``decays``: the weight-decay strengths of the wd method's points (default: the preset's train.wd).
     A failed run is reported in ``failed`` while the others go on; bad input raises ValueError before any run.
     """
     emit = on_event or _ignore
@@ -158,7 +161,7 @@ def sweep(
         raise ValueError(f"--jobs must be >= 1 (got {jobs})")
     _figure_class()  # a missing matplotlib should fail now, not after hours of training
     base = base_preset(preset_name, steps, overrides or {})
-    grid = expand_grid(base, optimizers, methods, sigmas)
+    grid = expand_grid(base, optimizers, methods, sigmas, decays)
     extra = baseline_point(base, baseline)
     points = grid.points + ([extra] if extra else [])
     for point in points:
@@ -189,22 +192,35 @@ def base_preset(preset_name: str, steps: int | None, overrides: Mapping[str, Any
     return apply_overrides(load_preset(preset_name), {**budget, **overrides})
 
 
-def expand_grid(base: Preset, optimizers: Sequence[str], methods: Sequence[str], sigmas: Sequence[float]) -> Grid:
-    """Every valid (optimizer, method, sigma_max) point, the invalid pairs with their reasons, and notes."""
+def expand_grid(
+    base: Preset,
+    optimizers: Sequence[str],
+    methods: Sequence[str],
+    sigmas: Sequence[float],
+    decays: Sequence[float] | None = None,
+) -> Grid:
+    """Every valid (optimizer, method, sigma_max) point, the invalid pairs with their reasons, and notes.
+
+    The wd method's knob is its decay strength, not sigma_max: it gets one point per value of ``decays``.
+    """
+    decay_values = list(dict.fromkeys(decays)) if decays else [base.train.wd]
     optimizers, methods, sigmas = (list(dict.fromkeys(v)) for v in (optimizers, methods, sigmas))
     _check_axes(optimizers, methods, sigmas)
     points: dict[str, Point] = {}
     skipped: list[Skipped] = []
     for optimizer in optimizers:
         for method in methods:
+            wds = decay_values if method == "wd" else [base.train.wd]
             try:
-                check_method(optimizer, method)
+                for wd in wds:
+                    check_method(optimizer, method, wd)
             except ValueError as exc:
                 skipped.append(Skipped(optimizer, method, str(exc)))
                 continue
             for sigma in [None] if method in SIGMA_FREE_METHODS else sigmas:
-                point = grid_point(base, optimizer, method, sigma)
-                points.setdefault(point.name, point)
+                for wd in wds:
+                    point = grid_point(base, optimizer, method, sigma, wd if method == "wd" else None)
+                    points.setdefault(point.name, point)
     if not points:
         raise ValueError(f"no (optimizer, method) pair of the grid can run: {skipped[0].reason}")
     return Grid(list(points.values()), skipped, _notes(base, methods, sigmas))
@@ -224,18 +240,21 @@ def _check_axes(optimizers: list[str], methods: list[str], sigmas: list[float]) 
 
 
 def _notes(base: Preset, methods: list[str], sigmas: list[float]) -> list[str]:
-    notes = [f"{m} ignores sigma_max: one run per optimizer, not one per sigma" for m in methods
+    notes = [f"{m} ignores sigma_max: one run per optimizer{' and decay' if m == 'wd' else ''}, not one per sigma"
+             for m in methods
              if m in SIGMA_FREE_METHODS and len(sigmas) > 1]  # fmt: skip
-    if "wd" in methods and base.train.wd == 0:
-        notes.append("wd with train.wd = 0 trains unconstrained, like none: add --set train.wd=VALUE")
     return notes
 
 
-def grid_point(base: Preset, optimizer: str, method: str, sigma: float | None) -> Point:
-    """``base`` with one grid value each; ``sigma`` None keeps the preset's (for methods that ignore it)."""
-    name = f"{optimizer}-{method}" if sigma is None else f"{optimizer}-{method}-{sigma:g}"
-    axes = {"train.optimizer": optimizer, "train.method": method}
-    return Point(name, apply_overrides(base, axes if sigma is None else {**axes, "train.sigma_max": float(sigma)}))
+def grid_point(base: Preset, optimizer: str, method: str, sigma: float | None, wd: float | None = None) -> Point:
+    """``base`` with one grid value each; ``sigma`` (``wd``) None keeps the preset's."""
+    axes: dict[str, Any] = {"train.optimizer": optimizer, "train.method": method}
+    name = f"{optimizer}-{method}"
+    if sigma is not None:
+        axes["train.sigma_max"], name = float(sigma), f"{name}-{sigma:g}"
+    if wd is not None:
+        axes["train.wd"], name = float(wd), f"{name}-{wd:g}"
+    return Point(name, apply_overrides(base, axes))
 
 
 def baseline_point(base: Preset, baseline: bool | str) -> Point | None:
@@ -303,7 +322,7 @@ def run_point(point: Point, out_dir: Path, emit: EventHandler) -> Row:
                           device=point.preset.train.device)  # fmt: skip
     t, metrics = point.preset.train, result.metrics
     row = Row(name=point.name, preset=point.preset.name, optimizer=t.optimizer, method=t.method,
-              sigma_max=point.sigma_max, baseline=point.baseline, log10_tight=report.log10_tight,
+              sigma_max=point.sigma_max, wd=t.wd, baseline=point.baseline, log10_tight=report.log10_tight,
               log10_paper=report.log10_paper, val_loss=metrics["val_loss"], val_acc=metrics["val_acc"],
               max_activation=activations.max_abs, wall_s=metrics["wall_s"] + time.perf_counter() - measured_from,
               checkpoint=str(path))  # fmt: skip

@@ -56,7 +56,9 @@ def resolve_device(name: str) -> torch.device:
 def validate(preset: Preset, world_size: int = 1) -> None:
     """Reject a bad configuration (for ``world_size`` processes) before any data is read or any file written."""
     t = preset.train
-    check_method(t.optimizer, t.method)
+    check_method(t.optimizer, t.method, t.wd)
+    if t.embed_inflation < 1:
+        raise ValueError(f"train.embed_inflation must be >= 1 (got {t.embed_inflation:g})")
     if t.sigma_max <= 0 or any(v <= 0 for v in t.caps.values()):
         raise ValueError(f"sigma-max must be > 0 (got {t.sigma_max}, caps {t.caps})")
     for name, value in (("steps", t.steps), ("batch-size", t.batch_size), ("eval-every", t.eval_every)):
@@ -252,7 +254,10 @@ def _train(
     model = build_model(preset.arch, model_config).to(device)
     lr_mult = {**mass_lr_mult(t.blocks_mass), **t.lr_mult}
     groups = model.groups(t.sigma_max, t.caps, lr_mult)
-    optimizer = build_optimizer(t.optimizer, groups, t.lr, t.method, t.wd, rank=world.rank, world_size=world.size)
+    optimizer = build_optimizer(
+        t.optimizer, groups, t.lr, t.method, t.wd, rank=world.rank, world_size=world.size,
+        embed_inflation=t.embed_inflation,
+    )  # fmt: skip
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     start_step, history = 0, []
     log_path = out.with_name(out.name + ".log.jsonl")

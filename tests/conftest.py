@@ -26,9 +26,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-TINY_GPT = {"model.d_model": 32, "model.n_layers": 1, "model.n_heads": 2, "model.context": 16,
-            "train.batch_size": 4, "train.eval_batches": 2, "train.steps": 6, "train.eval_every": 3,
-            "train.device": "cpu"}  # fmt: skip
+TINY_GPT = {"model.d_model": 32, "model.n_layers": 1, "model.residual_scale": 1.0, "model.n_heads": 2,
+            "model.context": 16, "train.batch_size": 4, "train.eval_batches": 2, "train.steps": 6,
+            "train.eval_every": 3, "train.device": "cpu"}  # fmt: skip
 
 
 def tiny_preset(name: str = "shakespeare-cpu", **overrides) -> Preset:

@@ -6,7 +6,18 @@ from lipcli.cli import app
 
 runner = CliRunner()
 TINY = [
-    *("--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--context", "16"),
+    *(
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.n_layers=1",
+        "--set",
+        "model.residual_scale=1",
+        "--set",
+        "model.n_heads=2",
+        "--context",
+        "16",
+    ),
     *("--batch-size", "4", "--set", "train.eval_batches=2", "--steps", "4", "--eval-every", "2", "--device", "cpu"),
 ]
 

@@ -28,7 +28,18 @@ RANKS_VS_ONE_RTOL = 1e-3
 # sigma_1 of a float32 matrix the constraint left at sigma_max carries float32 rounding (observed 1 + 1.4e-7).
 CAP_RTOL = 1e-5
 TINY_CLI = [
-    *("--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.n_heads=2", "--context", "16"),
+    *(
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.n_layers=1",
+        "--set",
+        "model.residual_scale=1",
+        "--set",
+        "model.n_heads=2",
+        "--context",
+        "16",
+    ),
     *("--batch-size", "4", "--set", "train.eval_batches=2", "--steps", "4", "--eval-every", "2", "--device", "cpu"),
 ]
 

@@ -159,3 +159,8 @@ def test_mlp_gain_moves_the_gelu_operating_point_and_cancels_in_the_bound():
     torch.testing.assert_close(mlp(x), expected)
     assert not torch.allclose(mlp(x), plain.blocks[0].mlp.inner(x))  # same weights, another nonlinearity
     assert [b.log10_lipschitz for _, b in gained.bound(_exact)] == [b.log10_lipschitz for _, b in plain.bound(_exact)]
+
+
+def test_a_residual_without_its_skip_path_is_rejected():
+    with pytest.raises(ValueError, match="lower model.residual_scale below 2"):
+        LipschitzGPT(GPTConfig(**{**CFG.__dict__, "n_layers": 1, "residual_scale": 2.0}))

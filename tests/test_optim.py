@@ -81,7 +81,17 @@ def test_per_group_caps_and_lr_multipliers_reach_the_optimizer():
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["head"]["sigma_max"] == 4.0 and by_name["attn_qk"]["sigma_max"] == 1.0
     assert by_name["embed"]["lr"] == pytest.approx(0.05) and by_name["mlp_in"]["lr"] == pytest.approx(0.1)
-    assert by_name["embed"]["method"] == "none"
+    assert by_name["embed"]["method"] == "none" and by_name["embed"]["sigma_max"] == 1.0  # not sigma_max's
+
+
+def test_embedding_row_cap_is_a_named_group_cap():
+    model = _tiny_gpt()
+    opt = build_optimizer("muon", model.groups(2.0, {"embed": 0.5}, {}), lr=0.1, method="softcap", wd=0.0)
+    loss = _lm_loss(model, torch.randint(0, 13, (4, 9), generator=torch.Generator().manual_seed(0)))
+    loss.backward()
+    opt.step()
+    rows = model.embed.weight.detach().pow(2).mean(dim=-1).sqrt()
+    assert float(rows.max()) == pytest.approx(0.5, rel=1e-5)
 
 
 def test_spec_wd_replaces_decoupled_decay():
@@ -144,3 +154,13 @@ def test_muon_trains_position_biases_without_capping_them():
     for name, p in model.named_parameters():
         if p.dim() >= 2 and "embed" not in name and "position_bias" not in name:
             assert float(rms_norm_exact(p).max()) <= 1.0 + 1e-3, name
+
+
+def test_embed_inflation_limits_how_far_a_rare_tokens_step_is_scaled_up():
+    model = _tiny_gpt()
+    opt = build_optimizer("muon", model.groups(1.0, {}, {}), lr=0.1, method="softcap", wd=0.0, embed_inflation=2.0)
+    embed_group = next(g for g in opt.param_groups if g["name"] == "embed")
+    grad = torch.ones(13, 32)
+    grad[0] *= 1e-6  # a token that barely occurs
+    rows = opt.direction(grad, embed_group).pow(2).mean(dim=-1).sqrt()
+    assert float(rows[1:].min()) == pytest.approx(1.0) and float(rows[0]) == pytest.approx(2.0 * 1e-6, rel=1e-3)

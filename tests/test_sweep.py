@@ -36,11 +36,12 @@ def _of_type(events, kind):
 
 
 def test_grid_skips_invalid_pairs_with_reasons_and_runs_sigma_free_methods_once():
-    grid = expand_grid(tiny_preset(), ["muon", "adamw"], ["softcap", "hammer", "wd", "hardcap"], [0.5, 2])
+    base = tiny_preset(**{"train.wd": 0.1})
+    grid = expand_grid(base, ["muon", "adamw"], ["softcap", "hammer", "wd", "hardcap"], [0.5, 2])
     assert SIGMA_FREE_METHODS == ("none", "wd")
     assert [p.name for p in grid.points] == [
-        "muon-softcap-0.5", "muon-softcap-2", "muon-wd", "muon-hardcap-0.5", "muon-hardcap-2",
-        "adamw-hammer-0.5", "adamw-hammer-2", "adamw-wd", "adamw-hardcap-0.5", "adamw-hardcap-2",
+        "muon-softcap-0.5", "muon-softcap-2", "muon-wd-0.1", "muon-hardcap-0.5", "muon-hardcap-2",
+        "adamw-hammer-0.5", "adamw-hammer-2", "adamw-wd-0.1", "adamw-hardcap-0.5", "adamw-hardcap-2",
     ]  # fmt: skip
     reasons = {(s.optimizer, s.method): s.reason for s in grid.skipped}
     assert set(reasons) == {("muon", "hammer"), ("adamw", "softcap")}
@@ -48,9 +49,19 @@ def test_grid_skips_invalid_pairs_with_reasons_and_runs_sigma_free_methods_once(
     by_name = {p.name: p for p in grid.points}
     hammer = by_name["adamw-hammer-0.5"].preset.train
     assert (hammer.optimizer, hammer.method, hammer.sigma_max) == ("adamw", "hammer", 0.5)
-    assert by_name["adamw-hammer-0.5"].sigma_max == 0.5 and by_name["muon-wd"].sigma_max is None
+    assert by_name["adamw-hammer-0.5"].sigma_max == 0.5 and by_name["muon-wd-0.1"].sigma_max is None
     assert any("wd ignores sigma_max" in note for note in grid.notes)
-    assert any("train.wd = 0" in note for note in grid.notes)  # the tiny preset has no weight decay
+    no_decay = expand_grid(tiny_preset(**{"train.wd": 0.0}), ["muon"], ["wd", "softcap"], [1.0])
+    assert [p.name for p in no_decay.points] == ["muon-softcap-1"]
+    assert [(s.method, "--wd" in s.reason) for s in no_decay.skipped] == [("wd", True)]  # it would train unconstrained
+
+
+def test_the_wd_method_sweeps_its_decay_strength_and_leaves_the_others_at_the_presets():
+    grid = expand_grid(tiny_preset(**{"train.wd": 0.0}), ["muon"], ["wd", "softcap"], [1.0, 2.0], decays=[0.01, 0.1])
+    by_name = {p.name: p.preset.train for p in grid.points}
+    assert list(by_name) == ["muon-wd-0.01", "muon-wd-0.1", "muon-softcap-1", "muon-softcap-2"]
+    assert [by_name[n].wd for n in by_name] == [0.01, 0.1, 0.0, 0.0]
+    assert any("wd ignores sigma_max: one run per optimizer and decay" in note for note in grid.notes)
 
 
 @pytest.mark.parametrize(
