@@ -605,6 +605,13 @@ def sweep_command(
             help="Comma list of decay strengths for the wd method, its knob (default: the preset's train.wd)."
         ),
     ] = None,
+    lr: Annotated[
+        str | None,
+        typer.Option(
+            help="Learning rate per optimizer, e.g. muon=0.2,adamw=0.003 (default: the preset's for its own "
+            "optimizer, muon 0.1 / adamw 0.003 for another)."
+        ),
+    ] = None,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Override a preset field in every run, e.g. --set train.lr=0.05.")
     ] = None,
@@ -633,7 +640,8 @@ def sweep_command(
         overrides = parse_set_options(set_ or [])
         with progress:
             decays = _comma_floats(decay, "--decay") if decay is not None else None
-            result = sweep(preset, *grid, out, steps=steps, decays=decays, overrides=overrides,
+            lrs = _optimizer_values(lr, "--lr") if lr is not None else None
+            result = sweep(preset, *grid, out, steps=steps, decays=decays, lrs=lrs, overrides=overrides,
                            baseline=baseline_preset or baseline, jobs=jobs, on_event=progress.on_event)  # fmt: skip
     # Escaped: messages hold paths, and rich would read [brackets] in them as markup.
     except TrainingError as exc:
@@ -651,6 +659,18 @@ def sweep_command(
 
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _optimizer_values(text: str, option: str) -> dict[str, float]:
+    """``muon=0.2,adamw=0.003`` as a dict."""
+    values = {}
+    for item in _comma_list(text):
+        name, _, value = item.partition("=")
+        try:
+            values[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"{option} expects OPTIMIZER=NUMBER pairs separated by commas, got {item!r}") from None
+    return values
 
 
 def _comma_floats(text: str, option: str) -> list[float]:

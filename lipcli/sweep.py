@@ -38,6 +38,9 @@ EventHandler = Callable[[Event], None]
 # Methods that never read sigma_max (none, wd): one point each instead of one per sigma.
 SIGMA_FREE_METHODS = tuple(name for name, method in METHODS.items() if method.apply is no_constraint)
 GRID_KEYS = ("optimizer", "method", "sigma_max")
+# An optimizer's learning rate does not carry over to another (Muon's 0.1 would wreck AdamW): these are the
+# defaults of the reference configs (Muon: the paper's Shakespeare run; AdamW: shakespeare-baseline).
+DEFAULT_LRS = {"muon": 0.1, "adamw": 3e-3}
 # The baseline gets the sweep's size, data and budget; its optimizer recipe (optimizer, lr, wd, ...) stays its own.
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "context", "mlp_ratio")
 BUDGET_FIELDS = ("data", "val_data", "tokenizer", "val_fraction", "steps", "batch_size", "eval_every",
@@ -145,6 +148,7 @@ def sweep(
     out_dir: str | Path,
     steps: int | None = None,
     decays: Sequence[float] | None = None,
+    lrs: Mapping[str, float] | None = None,
     overrides: Mapping[str, Any] | None = None,
     baseline: bool | str = True,
     jobs: int = 1,
@@ -154,6 +158,7 @@ def sweep(
 
     ``baseline``: True for the preset's unconstrained reference (shakespeare-baseline), a preset name, or False.
     ``decays``: the weight-decay strengths of the wd method's points (default: the preset's train.wd).
+    ``lrs``: learning rate per optimizer (default: the preset's for its own optimizer, DEFAULT_LRS for another).
     A failed run is reported in ``failed`` while the others go on; bad input raises ValueError before any run.
     """
     emit = on_event or _ignore
@@ -161,7 +166,7 @@ def sweep(
         raise ValueError(f"--jobs must be >= 1 (got {jobs})")
     _figure_class()  # a missing matplotlib should fail now, not after hours of training
     base = base_preset(preset_name, steps, overrides or {})
-    grid = expand_grid(base, optimizers, methods, sigmas, decays)
+    grid = expand_grid(base, optimizers, methods, sigmas, decays, lrs)
     extra = baseline_point(base, baseline)
     points = grid.points + ([extra] if extra else [])
     for point in points:
@@ -198,12 +203,14 @@ def expand_grid(
     methods: Sequence[str],
     sigmas: Sequence[float],
     decays: Sequence[float] | None = None,
+    lrs: Mapping[str, float] | None = None,
 ) -> Grid:
     """Every valid (optimizer, method, sigma_max) point, the invalid pairs with their reasons, and notes.
 
     The wd method's knob is its decay strength, not sigma_max: it gets one point per value of ``decays``.
     """
     decay_values = list(dict.fromkeys(decays)) if decays else [base.train.wd]
+    learning_rates = {**DEFAULT_LRS, base.train.optimizer: base.train.lr, **(lrs or {})}
     optimizers, methods, sigmas = (list(dict.fromkeys(v)) for v in (optimizers, methods, sigmas))
     _check_axes(optimizers, methods, sigmas)
     points: dict[str, Point] = {}
@@ -220,10 +227,13 @@ def expand_grid(
             for sigma in [None] if method in SIGMA_FREE_METHODS else sigmas:
                 for wd in wds:
                     point = grid_point(base, optimizer, method, sigma, wd if method == "wd" else None)
+                    point = Point(point.name, apply_overrides(point.preset, {"train.lr": learning_rates[optimizer]}))
                     points.setdefault(point.name, point)
     if not points:
         raise ValueError(f"no (optimizer, method) pair of the grid can run: {skipped[0].reason}")
-    return Grid(list(points.values()), skipped, _notes(base, methods, sigmas))
+    used = {opt: learning_rates[opt] for opt in optimizers if opt in learning_rates}
+    lr_note = "learning rates: " + ", ".join(f"{opt} {lr:g}" for opt, lr in used.items())
+    return Grid(list(points.values()), skipped, [*_notes(base, methods, sigmas), lr_note])
 
 
 def _check_axes(optimizers: list[str], methods: list[str], sigmas: list[float]) -> None:

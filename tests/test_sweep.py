@@ -61,6 +61,10 @@ def test_the_wd_method_sweeps_its_decay_strength_and_leaves_the_others_at_the_pr
     by_name = {p.name: p.preset.train for p in grid.points}
     assert list(by_name) == ["muon-wd-0.01", "muon-wd-0.1", "muon-softcap-1", "muon-softcap-2"]
     assert [by_name[n].wd for n in by_name] == [0.01, 0.1, 0.0, 0.0]
+    assert {t.lr for t in by_name.values()} == {tiny_preset().train.lr}  # the preset's optimizer keeps its rate
+    mixed = expand_grid(tiny_preset(), ["muon", "adamw"], ["normalize"], [1.0], lrs={"muon": 0.05})
+    assert {p.name: p.preset.train.lr for p in mixed.points} == {"muon-normalize-1": 0.05, "adamw-normalize-1": 3e-3}
+    assert "learning rates: muon 0.05, adamw 0.003" in mixed.notes
     assert any("wd ignores sigma_max: one run per optimizer and decay" in note for note in grid.notes)
 
 
@@ -156,7 +160,7 @@ def test_cli_sweep_json_and_a_failed_run_exits_1(tmp_path):
 
     # AdamW at lr 1e6 diverges unless normalize pulls every matrix back to sigma_max after each step.
     grid = ["--optimizer", "adamw", "--method", "none,normalize", "--sigma-max", "1", "--no-baseline"]
-    result = runner.invoke(app, ["sweep", *TINY_ARGS, *grid, "--set", "train.lr=1e6", "--out", str(tmp_path / "nan")])
+    result = runner.invoke(app, ["sweep", *TINY_ARGS, *grid, "--lr", "adamw=1e6", "--out", str(tmp_path / "nan")])
     assert result.exit_code == 1, result.output
     table, _, below = result.stdout.partition("└")
     assert "adamw-normalize-1" in table and "adamw-none" not in table and "failed adamw-none: loss became NaN" in below
@@ -176,6 +180,7 @@ def test_cli_sweep_json_and_a_failed_run_exits_1(tmp_path):
         (["--set", "train.method=svd"], "the sweep sets it"),
         (["--no-baseline", "--baseline-preset", "shakespeare-baseline"], "choose one"),
         (["--set", "model.final_scale=abc"], "cannot parse"),
+        (["--lr", "adamw"], "expects OPTIMIZER=NUMBER"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, words):
