@@ -231,7 +231,10 @@ class Attention(nn.Module):
         sig_q, sig_k, sig_v = n_q / heads, n_k / heads, n_v / heads
         out_heads = self.o.weight.detach().to(n_v.dtype).view(-1, self.n_heads, self.head_dim).transpose(0, 1)
         sig_o_heads = norm_of(out_heads) * heads
-        sig_ov = norm_of(out_heads @ self.v.weight.detach().to(n_v.dtype))  # [d, d]: RMS->RMS norm = sigma
+        # sigma(O_h V_h) = sigma(R_h V_h) for O_h = Q_h R_h (Q_h has orthonormal columns): a [d_h, d] matrix
+        # instead of a [d, d] one, which is most of the cost of certifying a large model.
+        r_heads = torch.linalg.qr(out_heads).R
+        sig_ov = norm_of(r_heads @ self.v.weight.detach().to(n_v.dtype)) / heads
         value = self.out_scale * min(float(sig_ov.sum()), n_o * float(sig_v.pow(2).sum().sqrt()))
         per_head_qk = 2.0 * s * self.n_heads * sig_q * sig_k * sig_v * r**2
         qk = self.out_scale * min(

@@ -372,4 +372,10 @@ def _read_checkpoint(out: Path, model: nn.Module, preset: Preset) -> dict[str, A
         raise TrainingError(f"--resume: {out} holds a {ckpt.arch} model, the preset trains {preset.arch}")
     model.load_state_dict(ckpt.model.state_dict())
     state = checkpoint.load_optimizer(out)
+    # Two atomic writes: a kill between them leaves the weights one evaluation ahead of the optimizer state.
+    if int(state["extra"]["step"]) != ckpt.step:
+        raise TrainingError(
+            f"--resume: {out} is at step {ckpt.step} but its optimizer state at step {state['extra']['step']} "
+            "(the run was killed while saving): train again without --resume"
+        )
     return {"optimizer": state["optimizer"], "step": ckpt.step, "history": json.loads(state["extra"]["history"])}

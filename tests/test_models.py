@@ -164,3 +164,19 @@ def test_mlp_gain_moves_the_gelu_operating_point_and_cancels_in_the_bound():
 def test_a_residual_without_its_skip_path_is_rejected():
     with pytest.raises(ValueError, match="lower model.residual_scale below 2"):
         LipschitzGPT(GPTConfig(**{**CFG.__dict__, "n_layers": 1, "residual_scale": 2.0}))
+
+
+def test_tight_value_path_uses_each_heads_joint_norm_of_o_and_v():
+    model = LipschitzGPT(GPTConfig(**{**CFG.__dict__, "zero_init": False})).double()
+    attn = model.blocks[0].attn.inner
+    h, d_h = attn.n_heads, attn.head_dim
+    with torch.no_grad():
+        attn.o.weight[:, d_h:] *= 0.01  # heads 1.. nearly silent: the per-head (joint) term is the smaller one
+    o, v = attn.o.weight.detach(), attn.v.weight.detach()
+    joint = sum(float(torch.linalg.svdvals(o[:, i * d_h : (i + 1) * d_h] @ v[i])[0]) for i in range(h))
+    stacked = float(torch.linalg.svdvals(o)[0]) * math.sqrt(
+        sum(float(torch.linalg.svdvals(v[i])[0]) ** 2 for i in range(h))
+    )
+    bound = attn.bound(1.0, lambda w: rms_norm_exact(w, dtype=torch.float64), tight=True)
+    assert joint < stacked
+    assert bound.terms["value_path"] == pytest.approx(ATTENTION_OUT_FACTOR * joint, rel=1e-9)

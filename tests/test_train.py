@@ -168,3 +168,12 @@ def test_token_shard_training_keeps_the_presets_padded_vocabulary(tmp_path):
     ckpt = checkpoint.load(result.checkpoint)
     assert ckpt.model_config["vocab_size"] == 50304 and ckpt.tokenizer is None
     assert result.metrics["max_sigma"] <= 1.0 * (1 + 1e-3)
+
+
+def test_resume_refuses_weights_and_optimizer_state_from_different_steps(tmp_path):
+    out = tmp_path / "m.safetensors"
+    train(tiny_preset(), out)
+    state = checkpoint.load_optimizer(out)
+    checkpoint.save_optimizer(out, state["optimizer"], {"step": 3, "history": state["extra"]["history"]})
+    with pytest.raises(TrainingError, match="at step 6 but its optimizer state at step 3"):
+        train(tiny_preset(**{"train.steps": 9}), out, resume=True)

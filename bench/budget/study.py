@@ -102,7 +102,8 @@ def report(rows: list[dict], out: Path) -> None:
     ax.set_xlabel("log10 certified Lipschitz bound (tight)")
     ax.set_ylabel("validation accuracy")
     ax.set_title("shakespeare-cpu at the baseline's steps: accuracy per unit of certified bound")
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     atomic_write(out / "budget.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
