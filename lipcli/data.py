@@ -376,7 +376,8 @@ def _gather(tokens: Tokens, starts: torch.Tensor, length: int) -> torch.Tensor:
     return tokens[starts[:, None] + torch.arange(length)].long()
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from pinned host memory on CUDA, so the copy overlaps the GPU's work."""
     if device.type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -419,7 +420,7 @@ class BatchSampler:
         mine = starts[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         windows = _gather(self.tokens, mine, self.context + 1)
         x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-        return _to_device(x, torch.device(device)), _to_device(y, torch.device(device))
+        return to_device(x, torch.device(device)), to_device(y, torch.device(device))
 
 
 def recorded_val_tokens(

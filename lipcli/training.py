@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint, distributed
-from .data import BatchSampler, DataError, load_image_splits, load_shard_splits, load_text_splits, val_batches
+from .data import (
+    BatchSampler,
+    DataError,
+    load_image_splits,
+    load_shard_splits,
+    load_text_splits,
+    to_device,
+    val_batches,
+)
 from .distributed import SINGLE, World
 from .models import build_model, weight_matrices
 from .optim import Muon, build_optimizer, check_method
@@ -149,7 +157,7 @@ class _ImageTask:
         gen = torch.Generator().manual_seed(self.t.seed * 1_000_003 + step)
         idx = torch.randint(0, len(self.splits.y_train), (self.t.batch_size,), generator=gen)
         mine = idx[self.world.rank * self.per_rank : (self.world.rank + 1) * self.per_rank]
-        return _to_device(self.splits.x_train[mine], device), _to_device(self.splits.y_train[mine], device)
+        return to_device(self.splits.x_train[mine], device), to_device(self.splits.y_train[mine], device)
 
     def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's share of the validation set: every world.size-th chunk of 1024."""
@@ -161,13 +169,6 @@ class _ImageTask:
 
     def tokenizer_dict(self) -> None:
         return None
-
-
-def _to_device(t: Tensor, device: torch.device) -> Tensor:
-    # Pinned host memory lets the copy run asynchronously with the GPU's work.
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def make_task(preset: Preset, world: World = SINGLE) -> _LMTask | _ImageTask:
