@@ -231,35 +231,37 @@ def _run_torchrun(nproc: int, args: list[str]) -> int:
         return process.wait()
 
 
-def _progress_bar(label: str, enabled: bool) -> Progress:
-    """A bar with a status text field, on stderr so --json output stays clean."""
-    return Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=stderr,
-        disable=not enabled,
-    )
+class _EventBar:
+    """A rich progress bar with a status field, fed by library events (on stderr, so --json stays clean)."""
 
-
-class _TrainProgress:
-    """A rich progress bar fed by the trainer's events (on stderr, so --json stays clean)."""
-
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, label: str, enabled: bool) -> None:
         self.enabled = enabled
-        self.progress = _progress_bar("train", enabled)
         self.task = None
-        self.fields: dict[str, str] = {"loss": "-", "acc": "-", "sigma": "-", "tok/s": "-"}
+        self.progress = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=stderr,
+            disable=not enabled,
+        )
 
-    def __enter__(self) -> _TrainProgress:
+    def __enter__(self) -> _EventBar:
         self.progress.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.progress.__exit__(*exc)
+
+
+class _TrainProgress(_EventBar):
+    """The trainer's bar: loss, accuracy, largest norm and throughput as they come."""
+
+    def __init__(self, enabled: bool) -> None:
+        super().__init__("train", enabled)
+        self.fields: dict[str, str] = {"loss": "-", "acc": "-", "sigma": "-", "tok/s": "-"}
 
     def on_event(self, event: dict[str, Any]) -> None:
         if not self.enabled:
@@ -680,24 +682,15 @@ def _comma_floats(text: str, option: str) -> list[float]:
         raise ValueError(f"{option} expects numbers separated by commas, got {text!r}") from None
 
 
-class _SweepProgress:
+class _SweepProgress(_EventBar):
     """One bar over every training step of the sweep and one line per finished run (on stderr)."""
 
     def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.progress = _progress_bar("sweep", enabled)
-        self.task = None
+        super().__init__("sweep", enabled)
         self.steps_per_run = 0
         self.runs = 0
         self.finished = 0
         self.steps_done: dict[str, int] = {}
-
-    def __enter__(self) -> _SweepProgress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.__exit__(*exc)
 
     def on_event(self, event: dict[str, Any]) -> None:
         if not self.enabled:

@@ -34,3 +34,8 @@ TINY_GPT = {"model.d_model": 32, "model.n_layers": 1, "model.residual_scale": 1.
 def tiny_preset(name: str = "shakespeare-cpu", **overrides) -> Preset:
     """A preset shrunk to run in about a second on 2 CPU cores."""
     return apply_overrides(load_preset(name), {**TINY_GPT, **overrides})
+
+
+def tiny_cli(**overrides) -> list[str]:
+    """The tiny preset's fields as `--set` options, for CLI tests."""
+    return [arg for key, value in {**TINY_GPT, **overrides}.items() for arg in ("--set", f"{key}={value}")]

@@ -4,22 +4,10 @@ from typer.testing import CliRunner
 
 from lipcli.cli import app
 
+from .conftest import tiny_cli
+
 runner = CliRunner()
-TINY = [
-    *(
-        "--set",
-        "model.d_model=32",
-        "--set",
-        "model.n_layers=1",
-        "--set",
-        "model.residual_scale=1",
-        "--set",
-        "model.n_heads=2",
-        "--context",
-        "16",
-    ),
-    *("--batch-size", "4", "--set", "train.eval_batches=2", "--steps", "4", "--eval-every", "2", "--device", "cpu"),
-]
+TINY = tiny_cli(**{"train.steps": 4, "train.eval_every": 2})
 
 
 def test_train_json_prints_one_object_with_accuracy_and_bound(tmp_path):

@@ -17,7 +17,7 @@ from lipcli import checkpoint
 from lipcli.cli import app
 from lipcli.spectral import rms_scale
 
-from .conftest import SHARED_DATA, tiny_preset
+from .conftest import SHARED_DATA, tiny_cli, tiny_preset
 
 WORLD_SIZE = 2
 STEPS, EVAL_EVERY, CUT_AT = 10, 5, 7
@@ -27,21 +27,7 @@ STEPS, EVAL_EVERY, CUT_AT = 10, 5, 7
 RANKS_VS_ONE_RTOL = 1e-3
 # sigma_1 of a float32 matrix the constraint left at sigma_max carries float32 rounding (observed 1 + 1.4e-7).
 CAP_RTOL = 1e-5
-TINY_CLI = [
-    *(
-        "--set",
-        "model.d_model=32",
-        "--set",
-        "model.n_layers=1",
-        "--set",
-        "model.residual_scale=1",
-        "--set",
-        "model.n_heads=2",
-        "--context",
-        "16",
-    ),
-    *("--batch-size", "4", "--set", "train.eval_batches=2", "--steps", "4", "--eval-every", "2", "--device", "cpu"),
-]
+TINY_CLI = tiny_cli(**{"train.steps": 4, "train.eval_every": 2})
 
 
 def _preset():

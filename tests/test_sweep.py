@@ -13,10 +13,10 @@ from lipcli.cli import app
 from lipcli.sweep import COLUMNS, SIGMA_FREE_METHODS, expand_grid, sweep
 from lipcli.training import TrainingError
 
-from .conftest import TINY_GPT, tiny_preset
+from .conftest import TINY_GPT, tiny_cli, tiny_preset
 
 runner = CliRunner()
-TINY_ARGS = [arg for key, value in TINY_GPT.items() for arg in ("--set", f"{key}={value}")]
+TINY_ARGS = tiny_cli()
 # What a run measures: equal for equal seeds, whichever process or invocation ran it.
 MEASURED = ("name", "sigma_max", "log10_tight", "log10_paper", "val_loss", "val_acc", "max_activation")
 
