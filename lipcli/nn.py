@@ -188,8 +188,22 @@ class Attention(nn.Module):
         self.o = Linear(d_model, d_model, "attn_out", zero_init=zero_init)
         self.rotary = Rotary(self.head_dim)
         self.position_bias = PositionBias(n_heads, position_context) if position_context else None
+        if self.content_free:
+            # q and k are multiplied by 0: kept for the checkpoint layout and certify, never computed or trained.
+            self.q.requires_grad_(False)
+            self.k.requires_grad_(False)
+
+    @property
+    def content_free(self) -> bool:
+        """Attention by position only: the pattern is the softmax of the biases, the same for every input."""
+        return self.softmax_scale == 0 and self.position_bias is not None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.content_free:
+            assert self.position_bias is not None
+            v = self.v(x)
+            y = (self.position_bias(x.shape[-2]).to(v.dtype).softmax(dim=-1) @ v).transpose(1, 2).reshape(x.shape)
+            return self.o(y * self.out_scale)
         q, k, v = self.rotary(self.q(x)), self.rotary(self.k(x)), self.v(x)
         scale = self.softmax_scale / self.head_dim
         if self.position_bias is None:

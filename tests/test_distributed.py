@@ -31,7 +31,8 @@ TINY_CLI = tiny_cli(**{"train.steps": 4, "train.eval_every": 2})
 
 
 def _preset():
-    return tiny_preset(**{"train.steps": STEPS, "train.eval_every": EVAL_EVERY})
+    # Content attention on, so every parameter trains and has sharded optimizer state to gather.
+    return tiny_preset(**{"train.steps": STEPS, "train.eval_every": EVAL_EVERY, "model.softmax_scale": 1.0})
 
 
 def _worst_cap_ratio(optimizer: torch.optim.Optimizer) -> float:

@@ -180,3 +180,16 @@ def test_tight_value_path_uses_each_heads_joint_norm_of_o_and_v():
     bound = attn.bound(1.0, lambda w: rms_norm_exact(w, dtype=torch.float64), tight=True)
     assert joint < stacked
     assert bound.terms["value_path"] == pytest.approx(ATTENTION_OUT_FACTOR * joint, rel=1e-9)
+
+
+def test_content_free_attention_is_the_bias_softmax_applied_to_the_values_and_leaves_q_k_untrained():
+    gen = torch.Generator().manual_seed(0)
+    attn = Attention(d_model=12, n_heads=3, softmax_scale=0.0, zero_init=False, position_context=8)
+    for module in (attn.q, attn.k, attn.v, attn.o, attn.position_bias):
+        module.reset_parameters(gen)
+    x = torch.randn(2, 7, 12, generator=gen)
+    v = attn.v(x)
+    pattern = attn.logits(x).softmax(dim=-1)  # q.k times 0 plus the bias: what the general path computes
+    y = (pattern @ v).transpose(1, 2).reshape(2, 7, 12)
+    torch.testing.assert_close(attn(x), attn.o(y * ATTENTION_OUT_FACTOR))
+    assert not attn.q.weight.requires_grad and not attn.k.weight.requires_grad and attn.v.weight.requires_grad
