@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -33,7 +34,8 @@ USER_ERRORS = (DataError, PresetError, CheckpointError, ValueError, FileNotFound
 
 
 def _fail(message: str, code: int) -> typer.Exit:
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Escaped: messages hold paths and library text, and rich would read [brackets] in them as markup.
+    stderr.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
@@ -122,8 +124,6 @@ def train(
     Under torchrun (`torchrun --nproc_per_node N -m lipcli train ...`) each process trains its slice of
     every batch with DDP and only rank 0 writes and prints.
     """
-    from rich.markup import escape
-
     from .distributed import current_world
     from .files import one_line
     from .training import TrainingError, validate
@@ -151,16 +151,15 @@ def train(
         else:
             with _TrainProgress(enabled=not (quiet or as_json) and world.is_main) as progress:
                 result = run_training(chosen, path, resume=resume, on_event=progress.on_event)
-    # Escaped: messages may hold [brackets] (paths, gloo's source locations) that rich would read as markup.
     except TrainingError as exc:
-        raise _fail(escape(where + str(exc)), 1) from None
+        raise _fail(where + str(exc), 1) from None
     except USER_ERRORS as exc:
-        raise _fail(escape(where + str(exc)), 2) from None
+        raise _fail(where + str(exc), 2) from None
     except Exception as exc:
         if world.size == 1:
             raise
         # One line naming the rank and the cause; torchrun then stops the other ranks.
-        raise _fail(escape(f"{where}{type(exc).__name__}: {one_line(exc)}"), 1) from None
+        raise _fail(f"{where}{type(exc).__name__}: {one_line(exc)}", 1) from None
     if launching:
         raise typer.Exit(_run_torchrun(nproc, _forwarded_args(ctx, drop="nproc")))
     if not world.is_main:
@@ -380,8 +379,6 @@ def activations(
     ] = None,
 ) -> None:
     """Where the big numbers live: max, RMS and 99.9th percentile of |activation| per site vs fp8/bf16 limits."""
-    from rich.markup import escape
-
     from .activations import LIMITS, compare, fp8_check, plot, profile
     from .checkpoint import load
 
@@ -470,8 +467,6 @@ def convert(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Convert between lipcli .safetensors, .pt state dicts and the paper's .npz; cast, or project to certify."""
-    from rich.markup import escape
-
     from .convert import convert as run_convert
 
     try:
@@ -537,8 +532,6 @@ def attack_command(
     ] = None,
 ) -> None:
     """Accuracy under attack next to certified accuracy: what PGD takes at each eps, and what provably stays."""
-    from rich.markup import escape
-
     from .attack import SoundnessError, parse_eps, plot, robustness
 
     try:
@@ -629,8 +622,6 @@ def sweep_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """The Lipschitz-vs-accuracy frontier: train, certify and profile a grid; rerun the same command to resume."""
-    from rich.markup import escape
-
     from .sweep import sweep
     from .training import TrainingError
 
@@ -645,11 +636,10 @@ def sweep_command(
             lrs = _optimizer_values(lr, "--lr") if lr is not None else None
             result = sweep(preset, *grid, out, steps=steps, decays=decays, lrs=lrs, overrides=overrides,
                            baseline=baseline_preset or baseline, jobs=jobs, on_event=progress.on_event)  # fmt: skip
-    # Escaped: messages hold paths, and rich would read [brackets] in them as markup.
     except TrainingError as exc:
-        raise _fail(escape(str(exc)), 1) from None
+        raise _fail(str(exc), 1) from None
     except USER_ERRORS as exc:
-        raise _fail(escape(str(exc)), 2) from None
+        raise _fail(str(exc), 2) from None
     if as_json:
         _print_json(result.to_dict())
     else:
@@ -727,8 +717,6 @@ class _SweepProgress(_EventBar):
 
 
 def _render_sweep(result) -> None:
-    from rich.markup import escape
-
     table = Table(title=escape(f"lipcli sweep: {result.out_dir}"))
     table.add_column("run", no_wrap=True)
     for column in ("sigma", "L tight", "L paper", "val acc", "val loss", "max |x|", "wall s"):

@@ -56,3 +56,11 @@ def test_help_explains_sigma_max_and_presets():
         "mlp-digits",
         "mlp-cifar",
     } <= set(names)
+
+
+def test_error_lines_show_brackets_in_paths_literally(tmp_path):
+    path = tmp_path / "run[bold]1.safetensors"
+    path.write_bytes(b"not a checkpoint")
+    result = runner.invoke(app, ["certify", str(path)])
+    assert result.exit_code == 2
+    assert "run[bold]1.safetensors" in result.stderr and len(result.stderr.strip().splitlines()) == 1
