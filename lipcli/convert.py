@@ -36,11 +36,10 @@ from . import checkpoint
 from .constraints import CapContext, get_method, project
 from .data import DataError
 from .files import atomic_write, one_line
-from .models import build_model, config_dict, config_from_dict, weight_matrices
+from .models import build_model, config_dict, config_from_dict, max_weight_norm
 from .nn import Embedding, HeadLinear, Linear
 from .optim import cap_embedding_rows
 from .presets import Preset, PresetError, TrainConfig, load_preset
-from .spectral import rms_norm_exact
 from .training import evaluate, make_task
 
 WRITABLE = ("safetensors", "pt")
@@ -458,11 +457,6 @@ def _build(arch: str, model_config: dict, state: dict[str, Tensor], src: Path) -
     return model.eval()
 
 
-def max_sigma(model: nn.Module) -> float:
-    """Largest exact RMS->RMS norm over the constrained weight matrices (per head for q/k/v)."""
-    return max((float(rms_norm_exact(w).max()) for w in weight_matrices(model)), default=0.0)
-
-
 @torch.no_grad()
 def project_model(model: nn.Module, method: str, sigma_max: float) -> None:
     """Project every weight matrix onto sigma_max with ``method``; cap embedding rows at unit RMS."""
@@ -613,12 +607,12 @@ def convert(
                 raise
             eval_note = f"no val loss: the checkpoint's data {eval_data!r} is unavailable ({one_line(exc)})"
     loss_before = _val_loss(model, batches) if batches else None
-    sigma_before = max_sigma(model) if method is not None else None
+    sigma_before = max_weight_norm(model) if method is not None else None
     if method is not None:
         project_model(model, method, sigma_max)
     out_dtype = dtype or source.dtype
     tensors, scales = _stored(model, out_dtype)
-    sigma_after = max_sigma(model) if method is not None else None
+    sigma_after = max_weight_norm(model) if method is not None else None
     loss_after = _val_loss(model, batches) if batches else None
     if method is not None or (out_dtype != source.dtype and out_dtype != "fp32"):
         # The source's metrics described other weights; keep them only as a record.

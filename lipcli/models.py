@@ -27,6 +27,7 @@ from .nn import (
     log10,
 )
 from .optim import Group
+from .spectral import rms_norm_exact
 
 
 @dataclass
@@ -57,10 +58,14 @@ class MLPConfig:
     seed: int = 0
 
 
+# lipcli's layers: each initializes its own weight and names its constraint group and kind.
+_OWN_WEIGHT = (Linear, HeadLinear, Embedding, PositionBias)
+
+
 def _init(model: nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
-        if isinstance(module, (Linear, HeadLinear, Embedding, PositionBias)):
+        if isinstance(module, _OWN_WEIGHT):
             module.reset_parameters(generator)
 
 
@@ -69,7 +74,7 @@ def _collect_groups(
 ) -> list[Group]:
     by_name: dict[str, tuple[str, list[nn.Parameter]]] = {}
     for module in model.modules():
-        if isinstance(module, (Linear, HeadLinear, Embedding, PositionBias)):
+        if isinstance(module, _OWN_WEIGHT):
             by_name.setdefault(module.group, (module.constraint_kind, []))[1].append(module.weight)
     return [
         # Embedding rows keep unit RMS unless capped by name: sigma_max bounds matrices, not the input domain.
@@ -258,6 +263,11 @@ def build_model(arch: str, config: GPTConfig | MLPConfig | dict, init: bool = Tr
 def weight_matrices(model: nn.Module) -> list[Tensor]:
     """The weights a spectral constraint bounds (per head for q/k/v): no embeddings, no position biases."""
     return [m.weight for m in model.modules() if isinstance(m, (Linear, HeadLinear, nn.Linear))]
+
+
+def max_weight_norm(model: nn.Module, dtype: torch.dtype = torch.float64) -> float:
+    """Largest exact RMS->RMS norm over :func:`weight_matrices`, computed in ``dtype``."""
+    return max((float(rms_norm_exact(w, dtype=dtype).max()) for w in weight_matrices(model)), default=0.0)
 
 
 def config_dict(model: nn.Module) -> dict:
