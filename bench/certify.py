@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lipcli import checkpoint
-from lipcli.certification import certify, certify_loaded
+from lipcli.certification import certify
 from lipcli.constraints import CapContext, project
 from lipcli.models import build_model
 from lipcli.presets import load_preset
@@ -37,9 +37,9 @@ def nanogpt_timing() -> dict[str, float]:
     params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         path = checkpoint.save(Path(tmp) / "nanogpt.safetensors", model)
-        ckpt = checkpoint.load(path)
+        # What a user waits for (load + both bounds), each mode timed the same way, side by side.
         started = time.perf_counter()
-        exact = certify_loaded(ckpt)
+        exact = certify(path)
         exact_s = time.perf_counter() - started
         started = time.perf_counter()
         fast = certify(path, power_iters=6)
@@ -51,6 +51,7 @@ def nanogpt_timing() -> dict[str, float]:
         "certify_exact_s": exact_s,
         "log10_tight_power6": fast.log10_tight,
         "certify_power6_s": fast_s,
+        "power6_speedup": exact_s / fast_s,
     }
 
 

@@ -1,7 +1,8 @@
 """Compose the modules' own certificates into a global Lipschitz bound, from the stored weights only.
 
-Weight norms are recomputed (exact float64 SVD, or a certified Gram-iteration upper bound with
-``power_iters``); numbers recorded in the checkpoint's metadata are compared, never used.
+Weight norms are recomputed (exact float64 eigenvalues of the smaller Gram, or with ``power_iters``
+power iteration confirmed by a Cholesky factorization: a proved upper bound); numbers recorded in the
+checkpoint's metadata are compared, never used.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from . import checkpoint
 from .nn import Bound, NormOf
-from .spectral import gram_upper_bound, rms_norm_exact, rms_scale
+from .spectral import certified_spectral_bound, rms_norm_exact, rms_scale
 
 # Relative disagreement between recorded and recomputed norms worth reporting.
 _DISAGREEMENT = 1e-3
@@ -74,11 +75,11 @@ def exact_norm(weight: torch.Tensor) -> torch.Tensor:
     return rms_norm_exact(weight, dtype=torch.float64)
 
 
-def gram_norm(iters: int) -> NormOf:
-    """A certified upper bound on the RMS->RMS norm by ``iters`` Gram iterations: faster, never below the truth."""
+def power_norm(iters: int) -> NormOf:
+    """A proved upper bound on the RMS->RMS norm from ``iters`` power iterations: faster, never below the truth."""
 
     def norm_of(weight: torch.Tensor) -> torch.Tensor:
-        return gram_upper_bound(weight, iters=iters) / rms_scale(weight)
+        return certified_spectral_bound(weight, iters=iters) / rms_scale(weight)
 
     return norm_of
 
@@ -113,9 +114,9 @@ def _memoized(norm_of: NormOf) -> NormOf:
 def certify_loaded(ckpt: checkpoint.Checkpoint, power_iters: int | None = None) -> CertifyReport:
     started = time.perf_counter()
     model: nn.Module = ckpt.model.double()
-    norm_of = _memoized(exact_norm if power_iters is None else gram_norm(power_iters))
+    norm_of = _memoized(exact_norm if power_iters is None else power_norm(power_iters))
     exact = power_iters is None
-    method = "exact (float64)" if exact else f"Gram-iteration upper bound ({power_iters} iterations)"
+    method = "exact (float64)" if exact else f"power iteration ({power_iters} steps) proved by Cholesky"
     report = CertifyReport(str(ckpt.path), ckpt.arch, norm_pair(ckpt.arch), method, math.inf, math.inf)
     for name, p in model.named_parameters():
         recorded = ckpt.spectral_norms.get(name)

@@ -105,7 +105,8 @@ def train(
             help="Override any preset field, e.g. --set model.final_scale=8 --set train.caps='{\"head\": 4}'. "
             "Where the Lipschitz budget goes (all counted by certify; README 'Spending the Lipschitz budget'): "
             "model.final_scale, model.softmax_scale, model.attn_out_scale, model.residual_scale (these multiply "
-            "into the bound); model.position_bias, model.mlp_gain (free: they leave the bound unchanged); "
+            "into the bound); model.position_bias, model.mlp_gain, model.bias (free: they leave the Lipschitz "
+            "constant unchanged); "
             "train.caps (per-group caps: embed, attn_qk, attn_v, attn_out, mlp_in, mlp_out, head), "
             "train.lr_mult, train.blocks_mass, train.embed_inflation, train.warmup, train.schedule.",
         ),
@@ -302,7 +303,10 @@ def certify_command(
     checkpoint_path: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="A lipcli .safetensors checkpoint.")],
     power_iters: Annotated[
         int | None,
-        typer.Option(help="Faster: certified Gram-iteration upper bounds on the norms instead of exact SVDs."),
+        typer.Option(
+            help="Faster: K power-iteration steps per matrix, each estimate proved an upper bound by a Cholesky "
+            "factorization (falling back to exact where it is not), instead of exact eigenvalues."
+        ),
     ] = None,
     fail_above: Annotated[
         float | None, typer.Option(help="Exit 1 when the tightest sound bound exceeds this (a CI gate).")

@@ -17,6 +17,7 @@ from .nn import (
     ATTENTION_OUT_FACTOR,
     MLP,
     Attention,
+    Bias,
     Bound,
     Embedding,
     HeadLinear,
@@ -24,6 +25,7 @@ from .nn import (
     NormOf,
     PositionBias,
     Residual,
+    bias_rms,
     log10,
 )
 from .optim import Group
@@ -45,6 +47,7 @@ class GPTConfig:
     position_bias: bool = False  # learned per-head logit bias by relative offset: free in the bound
     attn_out_scale: float = ATTENTION_OUT_FACTOR  # fixed factor on the attention output: counted in the bound
     mlp_gain: float = 1.0  # GeLU operating point: W_out GeLU(g W_in x) / g; cancels in the bound
+    bias: bool = False  # learned biases in the MLPs and on the logits: input-independent, free in the bound
     seed: int = 0
 
 
@@ -59,7 +62,7 @@ class MLPConfig:
 
 
 # lipcli's layers: each initializes its own weight and names its constraint group and kind.
-_OWN_WEIGHT = (Linear, HeadLinear, Embedding, PositionBias)
+_OWN_WEIGHT = (Linear, HeadLinear, Embedding, PositionBias, Bias)
 
 
 def _init(model: nn.Module, seed: int) -> None:
@@ -98,7 +101,7 @@ class Block(nn.Module):
             config.attn_out_scale,
         )  # fmt: skip
         self.attn = Residual(attention, a)
-        mlp = MLP(config.d_model, config.mlp_ratio * config.d_model, config.zero_init, config.mlp_gain)
+        mlp = MLP(config.d_model, config.mlp_ratio * config.d_model, config.zero_init, config.mlp_gain, config.bias)
         self.mlp = Residual(mlp, a)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -116,6 +119,8 @@ class LipschitzGPT(nn.Module):
         self.embed = Embedding(config.vocab_size, config.d_model)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.head = Linear(config.d_model, config.vocab_size, "head", zero_init=config.zero_init)
+        # Added after final_scale: a per-token prior that moves no Jacobian, so the bound ignores it.
+        self.logit_bias = Bias(config.vocab_size, "head_bias") if config.bias else None
         if init:
             _init(self, config.seed)
 
@@ -123,7 +128,8 @@ class LipschitzGPT(nn.Module):
         """The certified map: token embeddings [B, T, d] -> logits [B, T, vocab]."""
         for block in self.blocks:
             x = block(x)
-        return self.config.final_scale * self.head(x)
+        logits = self.config.final_scale * self.head(x)
+        return logits if self.logit_bias is None else self.logit_bias(logits)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.forward_embeddings(self.embed(tokens))
@@ -143,7 +149,8 @@ class LipschitzGPT(nn.Module):
                 r = b.out_norm
         head = self.head.bound(r, norm_of, tight)
         scale = self.config.final_scale
-        rows.append(("head", Bound(head.log10_lipschitz + log10(scale), head.out_norm * scale, head.terms)))
+        out = head.out_norm * scale + bias_rms(self.logit_bias)
+        rows.append(("head", Bound(head.log10_lipschitz + log10(scale), out, head.terms)))
         return rows
 
 

@@ -68,6 +68,35 @@ class Linear(nn.Module):
         return Bound(log10(n), n * in_norm, {"norm": n})
 
 
+class Bias(nn.Module):
+    """A learned additive bias x + b: input-independent, so Lipschitz 1 (free in every bound); it adds RMS(b) to norms.
+
+    Trained unconstrained ("free": Muon takes a normalized step), like the position biases.
+    """
+
+    constraint_kind = "free"
+
+    def __init__(self, dim: int, group: str) -> None:
+        super().__init__()
+        self.group = group
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        with torch.no_grad():
+            self.weight.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.weight
+
+    def rms(self) -> float:
+        return float(self.weight.detach().double().pow(2).mean().sqrt())
+
+
+def bias_rms(bias: Bias | None) -> float:
+    """RMS of an optional bias: what it can add to a token's RMS."""
+    return 0.0 if bias is None else bias.rms()
+
+
 class HeadLinear(nn.Module):
     """Per-head projection with weight [n_heads, head_dim, fan_in]: each head's slice is its own capped matrix.
 
@@ -113,7 +142,8 @@ class Embedding(nn.Module):
         return F.embedding(tokens, self.weight)
 
     def max_row_rms(self) -> float:
-        return float(self.weight.detach().double().pow(2).mean(dim=-1).sqrt().max())
+        w = self.weight.detach().double()
+        return float(torch.linalg.vector_norm(w, dim=-1).max()) / math.sqrt(w.shape[-1])
 
 
 class Rotary(nn.Module):
@@ -259,25 +289,34 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """W_out GeLU(g W_in x) / (g 1.1289): the scaled GeLU is 1-Lipschitz and shrinks norms by 1.1289.
+    """W_out GeLU(g (W_in x + b_in)) / (g 1.1289) + b_out: the scaled GeLU is 1-Lipschitz and shrinks norms by 1.1289.
 
     The fixed gain g sets GeLU's operating point (small inputs see an almost linear GeLU) and cancels
-    in every bound, so it is free; the function class equals caps (g, 1/g) on (W_in, W_out).
+    in every bound, so it is free; the function class equals caps (g, 1/g) on (W_in, W_out). The optional
+    biases move each unit's threshold: free in the Lipschitz bound, counted in the output norm.
     """
 
-    def __init__(self, d_model: int, hidden: int, zero_init: bool, gain: float = 1.0) -> None:
+    def __init__(self, d_model: int, hidden: int, zero_init: bool, gain: float = 1.0, bias: bool = False) -> None:
         super().__init__()
         self.fc_in = Linear(d_model, hidden, "mlp_in")
         self.fc_out = Linear(hidden, d_model, "mlp_out", zero_init=zero_init)
+        self.bias_in = Bias(hidden, "mlp_bias") if bias else None
+        self.bias_out = Bias(d_model, "mlp_bias") if bias else None
         self.gain = gain
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc_out(F.gelu(self.gain * self.fc_in(x)) / (self.gain * GELU_MAX_SLOPE))
+        h = self.fc_in(x)
+        if self.bias_in is not None:
+            h = self.bias_in(h)
+        y = self.fc_out(F.gelu(self.gain * h) / (self.gain * GELU_MAX_SLOPE))
+        return y if self.bias_out is None else self.bias_out(y)
 
     def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
-        """Lipschitz n_out n_in (activation slope 1); |GeLU(x)| <= |x| gives output RMS <= n_out n_in r / 1.1289."""
+        """Lipschitz n_out n_in (activation slope 1, biases 0); |GeLU(x)| <= |x| bounds the output RMS by
+        n_out (n_in r + RMS(b_in)) / 1.1289 + RMS(b_out)."""
         n_in, n_out = float(norm_of(self.fc_in.weight)), float(norm_of(self.fc_out.weight))
-        return Bound(log10(n_in * n_out), n_in * n_out * in_norm / GELU_MAX_SLOPE, {"n_in": n_in, "n_out": n_out})
+        hidden = (n_in * in_norm + bias_rms(self.bias_in)) / GELU_MAX_SLOPE
+        return Bound(log10(n_in * n_out), n_out * hidden + bias_rms(self.bias_out), {"n_in": n_in, "n_out": n_out})
 
 
 class Residual(nn.Module):

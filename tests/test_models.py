@@ -161,6 +161,44 @@ def test_mlp_gain_moves_the_gelu_operating_point_and_cancels_in_the_bound():
     assert [b.log10_lipschitz for _, b in gained.bound(_exact)] == [b.log10_lipschitz for _, b in plain.bound(_exact)]
 
 
+def test_biases_leave_the_lipschitz_bound_and_enter_the_output_norm_bound():
+    config = {**CFG.__dict__, "zero_init": False, "mlp_gain": 4.0}
+    plain, biased = LipschitzGPT(GPTConfig(**config)), LipschitzGPT(GPTConfig(**{**config, "bias": True}))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in biased.named_parameters():
+            if name.endswith("bias_in.weight") or name.endswith("bias_out.weight") or name == "logit_bias.weight":
+                p.copy_(torch.randn(p.shape, generator=gen) * 3)
+    x = torch.randn(4, 6, 24, generator=gen)
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()  # every token at RMS 1
+    mlp = biased.blocks[0].mlp.inner
+    assert mlp.bias_in is not None and mlp.bias_out is not None
+    h = mlp.bias_in.weight + mlp.fc_in(x)
+    expected = mlp.fc_out(torch.nn.functional.gelu(4.0 * h) / (4.0 * GELU_MAX_SLOPE)) + mlp.bias_out.weight
+    torch.testing.assert_close(mlp(x), expected)
+    rows, plain_rows = dict(biased.bound(_exact)), dict(plain.bound(_exact))
+    for name in ("block0.mlp", "block1.mlp", "head"):  # a bias moves no Jacobian
+        assert rows[name].log10_lipschitz == plain_rows[name].log10_lipschitz
+    # ...but it grows the stream, which the next attention's query/key term pays for.
+    assert rows["block1.attn"].log10_lipschitz > plain_rows["block1.attn"].log10_lipschitz
+    # The output-norm bound must hold: biases of RMS 3 dominate what the weights alone allow.
+    out_rms = float(mlp(x).pow(2).mean(-1).sqrt().max())
+    assert out_rms <= mlp.bound(1.0, _exact).out_norm
+    assert out_rms > plain.blocks[0].mlp.inner.bound(1.0, _exact).out_norm
+    kinds = {g.name: g.kind for g in biased.groups(1.0, {}, {})}
+    assert kinds["mlp_bias"] == "free" and kinds["head_bias"] == "free"
+    logits = biased.forward_embeddings(x)
+    assert biased.logit_bias is not None
+    without = logits - biased.logit_bias.weight
+    torch.testing.assert_close(without, biased.config.final_scale * biased.head(_stream(biased, x)))
+
+
+def _stream(model: LipschitzGPT, x: torch.Tensor) -> torch.Tensor:
+    for block in model.blocks:
+        x = block(x)
+    return x
+
+
 def test_a_residual_without_its_skip_path_is_rejected():
     with pytest.raises(ValueError, match="lower model.residual_scale below 2"):
         LipschitzGPT(GPTConfig(**{**CFG.__dict__, "n_layers": 1, "residual_scale": 2.0}))
