@@ -34,7 +34,7 @@ from . import checkpoint
 from .checkpoint import Checkpoint
 from .data import load_image_splits, recorded_val_tokens, val_batches
 from .models import BaselineGPT, LipschitzGPT, LipschitzMLP
-from .nn import HeadLinear, Linear
+from .nn import MLP, HeadLinear, Linear
 from .training import evaluate, resolve_device
 
 # Largest finite value of each format: a site whose max exceeds it overflows a scale-1 cast.
@@ -211,9 +211,13 @@ def _output(record: _Recorder, name: str) -> Callable[[nn.Module, tuple, Tensor]
     return lambda module, args, out: record(name, out)
 
 
-def _gained(record: _Recorder, name: str, gain: float) -> Callable[[nn.Module, tuple, Tensor], None]:
-    """GeLU's actual input: the MLP multiplies W_in x by its fixed gain before the activation."""
-    return lambda module, args, out: record(name, gain * out)
+_Hook = Callable[[nn.Module, tuple, Tensor], None]
+
+
+def _pre_activation(record: _Recorder, name: str, mlp: MLP) -> tuple[nn.Module, _Hook]:
+    """The activation's actual input, W_in x + b_in (times GeLU's fixed gain), from the layer that makes it."""
+    scale = mlp.gain if mlp.activation == "gelu" else 1.0
+    return (mlp.fc_in if mlp.bias_in is None else mlp.bias_in), lambda module, args, out: record(name, scale * out)
 
 
 def _input(record: _Recorder, name: str) -> Callable[[nn.Module, tuple, Tensor], None]:
@@ -255,7 +259,7 @@ def _register(model: nn.Module, record: _Recorder) -> list[RemovableHandle]:
         for i, block in enumerate(model.blocks):
             p, attn, mlp = f"block{i}.", block.attn.inner, block.mlp.inner
             hooks += [(getattr(attn, n), _output(record, p + n)) for n in ("q", "k", "v")]
-            hooks += [(attn, _lipschitz_attention(record, p)), (mlp.fc_in, _gained(record, p + "mlp_pre", mlp.gain))]
+            hooks += [(attn, _lipschitz_attention(record, p)), _pre_activation(record, p + "mlp_pre", mlp)]
             hooks += [(mlp.fc_out, _input(record, p + "mlp_post")), (block, _output(record, p + "residual"))]
     elif isinstance(model, BaselineGPT):
         hooks.append((model.embed, _output(record, "embed")))

@@ -48,6 +48,8 @@ class GPTConfig:
     attn_out_scale: float = ATTENTION_OUT_FACTOR  # fixed factor on the attention output: counted in the bound
     mlp_gain: float = 1.0  # GeLU operating point: W_out GeLU(g W_in x) / g; cancels in the bound
     bias: bool = False  # learned biases in the MLPs and on the logits: input-independent, free in the bound
+    activation: str = "gelu"  # MLP activation, both 1-Lipschitz: "gelu" (scaled) or "groupsort" (norm-preserving)
+    group_size: int = 2  # units sorted together by groupsort (2: MaxMin)
     seed: int = 0
 
 
@@ -101,7 +103,10 @@ class Block(nn.Module):
             config.attn_out_scale,
         )  # fmt: skip
         self.attn = Residual(attention, a)
-        mlp = MLP(config.d_model, config.mlp_ratio * config.d_model, config.zero_init, config.mlp_gain, config.bias)
+        hidden = config.mlp_ratio * config.d_model
+        mlp = MLP(
+            config.d_model, hidden, config.zero_init, config.mlp_gain, config.bias, config.activation, config.group_size
+        )
         self.mlp = Residual(mlp, a)
 
     def forward(self, x: Tensor) -> Tensor:

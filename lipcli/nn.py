@@ -288,34 +288,62 @@ class Attention(nn.Module):
         return Bound(log10(value + qk), value * r, terms)
 
 
-class MLP(nn.Module):
-    """W_out GeLU(g (W_in x + b_in)) / (g 1.1289) + b_out: the scaled GeLU is 1-Lipschitz and shrinks norms by 1.1289.
+# 1-Lipschitz activations. "groupsort" sorts each group of units (Anil et al. 2019, "Sorting out Lipschitz
+# function approximation"; groups of 2 are MaxMin): a permutation at every point, so it keeps norms and
+# gradient norms whole.
+ACTIVATIONS = ("gelu", "groupsort")
 
-    The fixed gain g sets GeLU's operating point (small inputs see an almost linear GeLU) and cancels
-    in every bound, so it is free; the function class equals caps (g, 1/g) on (W_in, W_out). The optional
-    biases move each unit's threshold: free in the Lipschitz bound, counted in the output norm.
+
+class MLP(nn.Module):
+    """W_out act(W_in x + b_in) + b_out with a 1-Lipschitz act: GeLU(g z) / (g 1.1289), or GroupSort.
+
+    GeLU's fixed gain g sets its operating point (small inputs see an almost linear GeLU) and cancels
+    in every bound, so it is free; the function class equals caps (g, 1/g) on (W_in, W_out). GroupSort
+    is positively homogeneous (no gain) and keeps the norm that GeLU's 1/1.1289 and its flat side lose.
+    The optional biases move each unit's threshold: free in the Lipschitz bound, counted in the output norm.
     """
 
-    def __init__(self, d_model: int, hidden: int, zero_init: bool, gain: float = 1.0, bias: bool = False) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        hidden: int,
+        zero_init: bool,
+        gain: float = 1.0,
+        bias: bool = False,
+        activation: str = "gelu",
+        group_size: int = 2,
+    ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+        if activation == "groupsort" and (group_size < 2 or hidden % group_size):
+            raise ValueError(f"groupsort needs groups of >= 2 that divide the MLP width {hidden}, not {group_size}")
         self.fc_in = Linear(d_model, hidden, "mlp_in")
         self.fc_out = Linear(hidden, d_model, "mlp_out", zero_init=zero_init)
         self.bias_in = Bias(hidden, "mlp_bias") if bias else None
         self.bias_out = Bias(d_model, "mlp_bias") if bias else None
-        self.gain = gain
+        self.gain, self.activation, self.group_size = gain, activation, group_size
+        # |act(z)| <= |z| / norm_shrink per token: GeLU's |GeLU(z)| <= |z|, GroupSort's permutation keeps norms.
+        self.norm_shrink = GELU_MAX_SLOPE if activation == "gelu" else 1.0
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        h = self.fc_in(x)
+        return h if self.bias_in is None else self.bias_in(h)
+
+    def activate(self, h: Tensor) -> Tensor:
+        if self.activation == "groupsort":
+            return h.unflatten(-1, (-1, self.group_size)).sort(dim=-1).values.flatten(-2)
+        return F.gelu(self.gain * h) / (self.gain * GELU_MAX_SLOPE)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.fc_in(x)
-        if self.bias_in is not None:
-            h = self.bias_in(h)
-        y = self.fc_out(F.gelu(self.gain * h) / (self.gain * GELU_MAX_SLOPE))
+        y = self.fc_out(self.activate(self.pre_activation(x)))
         return y if self.bias_out is None else self.bias_out(y)
 
     def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
-        """Lipschitz n_out n_in (activation slope 1, biases 0); |GeLU(x)| <= |x| bounds the output RMS by
-        n_out (n_in r + RMS(b_in)) / 1.1289 + RMS(b_out)."""
+        """Lipschitz n_out n_in (activation slope <= 1, biases 0); the output RMS is at most
+        n_out (n_in r + RMS(b_in)) / norm_shrink + RMS(b_out)."""
         n_in, n_out = float(norm_of(self.fc_in.weight)), float(norm_of(self.fc_out.weight))
-        hidden = (n_in * in_norm + bias_rms(self.bias_in)) / GELU_MAX_SLOPE
+        hidden = (n_in * in_norm + bias_rms(self.bias_in)) / self.norm_shrink
         return Bound(log10(n_in * n_out), n_out * hidden + bias_rms(self.bias_out), {"n_in": n_in, "n_out": n_out})
 
 

@@ -49,6 +49,8 @@ def _bounds(model: torch.nn.Module) -> tuple[float, float]:
         # Biases grow the stream's norm, which the query/key term of the next attention must account for.
         {"softmax_scale": 4.0, "position_bias": True, "mlp_gain": 4.0, "bias": True},
         {"softmax_scale": 0.0, "position_bias": True, "attn_out_scale": 1.0, "bias": True},
+        {"softmax_scale": 2.0, "position_bias": True, "activation": "groupsort", "bias": True},
+        {"softmax_scale": 0.0, "position_bias": True, "activation": "groupsort", "group_size": 4},
     ],
 )
 def test_gpt_bounds_exceed_measured_sensitivity(config):

@@ -193,6 +193,43 @@ def test_biases_leave_the_lipschitz_bound_and_enter_the_output_norm_bound():
     torch.testing.assert_close(without, biased.config.final_scale * biased.head(_stream(biased, x)))
 
 
+@pytest.mark.parametrize("group", [2, 3])
+def test_groupsort_sorts_unit_groups_keeps_norms_and_its_output_bound_holds(group):
+    from lipcli.nn import MLP
+
+    mlp = MLP(8, 6, zero_init=False, activation="groupsort", group_size=group)
+    h = torch.tensor([[3.0, -1.0, 0.5, 2.0, -4.0, -5.0]])
+    expected = {2: [-1.0, 3.0, 0.5, 2.0, -5.0, -4.0], 3: [-1.0, 0.5, 3.0, -5.0, -4.0, 2.0]}[group]
+    torch.testing.assert_close(mlp.activate(h), torch.tensor([expected]))
+    z = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(mlp.activate(z).norm(dim=-1), z.norm(dim=-1))  # a permutation per token
+    # 1-Lipschitz in L2 per token, checked on random pairs.
+    w = torch.randn(5, 7, 6, generator=torch.Generator().manual_seed(1))
+    assert bool(((mlp.activate(z) - mlp.activate(w)).norm(dim=-1) <= (z - w).norm(dim=-1) + 1e-6).all())
+    config = {**CFG.__dict__, "zero_init": False, "activation": "groupsort", "group_size": group}
+    model = LipschitzGPT(GPTConfig(**config))
+    block_mlp = model.blocks[0].mlp.inner
+    x = torch.randn(4, 6, 24, generator=torch.Generator().manual_seed(2))
+    x = x / x.pow(2).mean(-1, keepdim=True).sqrt()
+    out_rms = float(block_mlp(x).pow(2).mean(-1).sqrt().max())
+    bound = block_mlp.bound(1.0, _exact)
+    assert out_rms <= bound.out_norm
+    assert bound.log10_lipschitz == pytest.approx(
+        math.log10(_largest(block_mlp.fc_in.weight) * _largest(block_mlp.fc_out.weight))
+    )
+    # Identity weights attain the output bound exactly: nothing is lost to the activation.
+    square = MLP(6, 6, zero_init=False, activation="groupsort", group_size=group)
+    with torch.no_grad():
+        square.fc_in.weight.copy_(torch.eye(6))
+        square.fc_out.weight.copy_(torch.eye(6))
+    tokens = z / z.pow(2).mean(-1, keepdim=True).sqrt()
+    assert float(square(tokens).pow(2).mean(-1).sqrt().max()) == pytest.approx(square.bound(1.0, _exact).out_norm)
+    with pytest.raises(ValueError, match="divide the MLP width 5"):
+        MLP(8, 5, zero_init=False, activation="groupsort", group_size=group)
+    with pytest.raises(ValueError, match="unknown activation 'relu'"):
+        MLP(8, 6, zero_init=False, activation="relu")
+
+
 def _stream(model: LipschitzGPT, x: torch.Tensor) -> torch.Tensor:
     for block in model.blocks:
         x = block(x)

@@ -31,11 +31,16 @@ THIRD = 1.0 / 3.0
 # The paper's recipe as the first lipcli default had it: every lever at the reference architecture's value.
 NAIVE = {"model.position_bias": False, "model.softmax_scale": 8.0, "model.attn_out_scale": THIRD,
          "model.mlp_gain": 1.0, "model.residual_scale": 1.0, "model.final_scale": 8.0,
-         "train.sigma_max": 1.0, "train.lr": 0.1}  # fmt: skip
-# The default since the study: position biases, content-free attention at full output scale, GeLU gain 4,
+         "train.sigma_max": 1.0, "train.lr": 0.1, "model.activation": "gelu", "model.bias": False,
+         "train.lr_mult": {}}  # fmt: skip
+# The default of session 2: position biases, content-free attention at full output scale, GeLU gain 4,
 # a = 1/3, Muon lr 0.2, final_scale 9 (every block 1-Lipschitz, so the bound is <= 9).
 RECIPE = {**NAIVE, "model.position_bias": True, "model.softmax_scale": 0.0, "model.attn_out_scale": 1.0,
           "model.mlp_gain": 4.0, "model.residual_scale": 2.0, "model.final_scale": 9.0, "train.lr": 0.2}  # fmt: skip
+# Session 3: the MLP's activation sorts pairs of units (norm-preserving MaxMin) and biases give it thresholds;
+# both leave the Lipschitz constant unchanged, so the bound stays <= 9.
+SORTED = {**RECIPE, "model.activation": "groupsort", "model.group_size": 2, "model.bias": True,
+          "model.mlp_gain": 1.0, "train.lr_mult": {"mlp_bias": 0.05, "head_bias": 0.25}}  # fmt: skip
 POINTS: dict[str, dict] = {
     "naive": NAIVE,
     "naive-sigma1.5": {**NAIVE, "train.sigma_max": 1.5},
@@ -44,6 +49,9 @@ POINTS: dict[str, dict] = {
     "recipe": RECIPE,
     "recipe-final2": {**RECIPE, "model.final_scale": 2.0},
     "recipe-final32": {**RECIPE, "model.final_scale": 32.0},
+    "sorted": SORTED,
+    "sorted-final2": {**SORTED, "model.final_scale": 2.0},
+    "sorted-final64": {**SORTED, "model.final_scale": 64.0},
 }
 
 
