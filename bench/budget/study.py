@@ -69,9 +69,10 @@ def baseline() -> Point:
 
 def run(p: Point, out: Path) -> dict:
     saved = out / "points" / f"{p.name}.json"
-    if saved.exists():
-        return json.loads(saved.read_text())
-    row = asdict(run_point(p, out, lambda event: None))
+    # run_point writes the same file when training ends; "measured" marks a point this script finished.
+    row = json.loads(saved.read_text()) if saved.exists() else asdict(run_point(p, out, lambda event: None))
+    if "measured" in row:
+        return row
     row["measured"] = checkpoint_sensitivity(row["checkpoint"])
     bound = row["log10_tight"]
     if math.isfinite(bound) and math.log10(row["measured"]) > bound:
@@ -128,7 +129,7 @@ def main() -> None:
         for name in names:
             run(baseline() if name == "baseline" else point(name), HERE)
     saved = [json.loads(p.read_text()) for p in sorted((HERE / "points").glob("*.json"))]
-    report(saved, HERE)
+    report([row for row in saved if "measured" in row], HERE)  # not yet measured: still running elsewhere
 
 
 if __name__ == "__main__":
