@@ -103,10 +103,10 @@ class Block(nn.Module):
             config.attn_out_scale,
         )  # fmt: skip
         self.attn = Residual(attention, a)
-        hidden = config.mlp_ratio * config.d_model
         mlp = MLP(
-            config.d_model, hidden, config.zero_init, config.mlp_gain, config.bias, config.activation, config.group_size
-        )
+            config.d_model, config.mlp_ratio * config.d_model, config.zero_init, gain=config.mlp_gain,
+            bias=config.bias, activation=config.activation, group_size=config.group_size,
+        )  # fmt: skip
         self.mlp = Residual(mlp, a)
 
     def forward(self, x: Tensor) -> Tensor:
