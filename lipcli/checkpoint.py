@@ -30,6 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from .errors import UserError
 from .files import atomic_write, one_line, strict_json
 from .models import ARCHITECTURES, build_model, config_dict, config_from_dict
 from .spectral import rms_norm_exact
@@ -59,7 +60,7 @@ MODEL_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float
 FLOAT_CODES = {"F64", "F32", "BF16", "F16", "F8_E4M3", "F8_E5M2"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line naming the file and what to do."""
 
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .constraints import CapContext, get_method, project
 from .data import DataError
+from .errors import UserError
 from .files import atomic_write, one_line
 from .models import build_model, config_dict, config_from_dict, max_weight_norm
 from .nn import Embedding, HeadLinear, Linear
@@ -55,7 +56,7 @@ REFERENCE_DATA = {"shakespeare": ("tinyshakespeare", "char"), "cifar": ("cifar10
 _CONSUMED = checkpoint.RESERVED_KEYS | {"fp8_scales", "conversion"}
 
 
-class ConvertError(ValueError):
+class ConvertError(UserError):
     """A conversion that cannot be done; the message is one line naming the file and what to do."""
 
 

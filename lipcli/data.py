@@ -16,6 +16,7 @@ import numpy as np
 import tiktoken
 import torch
 
+from .errors import UserError
 from .files import atomic_write
 
 DEFAULT_DATASET = "tinyshakespeare"
@@ -33,7 +34,7 @@ _SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data problem the user can fix; the message is one actionable line."""
 
 

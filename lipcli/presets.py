@@ -9,6 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
 from .models import config_from_dict
 
 if sys.version_info >= (3, 11):
@@ -19,7 +20,7 @@ else:  # Python 3.10 has no tomllib; tomli is the same parser
 DEFAULT_PRESET = "shakespeare-cpu"
 
 
-class PresetError(ValueError):
+class PresetError(UserError):
     """A preset that cannot be found or parsed, or an override that does not fit it."""
 
 
