@@ -8,8 +8,8 @@ real validation data through forward hooks, per layer and per site:
   ``attn_logits`` (RoPE'd q.k times softmax_scale / d_h, causal positions only), ``attn_out`` (the
   attention module's output), ``mlp_pre`` (fc_in's output), ``mlp_post`` (fc_out's input) and
   ``residual`` (the stream after the block); ``logits``.
-- BaselineGPT: ``embed``; per block ``qkv``, ``attn_logits`` (q.k / sqrt(d_h), causal positions only),
-  ``attn_out`` (the o projection's output), ``mlp_pre``, ``mlp_post``, ``residual``; ``logits``.
+- BaselineGPT: ``embed``; per block ``q``, ``k``, ``v`` ([B, T, d]), ``attn_logits`` (RoPE'd q.k / sqrt(d_h),
+  causal positions only), ``attn_out``, ``mlp_pre``, ``mlp_post``, ``residual``; ``logits``.
 - LipschitzMLP: ``layer<i>`` (each linear layer's output, before ReLU) and ``logits``.
 
 Each site gets max |entry|, RMS and the 99.9th percentile of |entry| over ``batches`` batches, and its
@@ -242,16 +242,6 @@ def _lipschitz_attention(record: _Recorder, prefix: str) -> Callable[[nn.Module,
     return hook
 
 
-def _baseline_qkv(record: _Recorder, prefix: str, n_heads: int) -> Callable[[nn.Module, tuple, Tensor], None]:
-    def hook(module: nn.Module, args: tuple, out: Tensor) -> None:
-        record(prefix + "qkv", out)
-        b, t, d3 = out.shape
-        q, k, _ = (z.view(b, t, n_heads, -1).transpose(1, 2) for z in out.split(d3 // 3, dim=-1))
-        record(prefix + "attn_logits", _causal(q @ k.mT / math.sqrt(q.shape[-1])))
-
-    return hook
-
-
 def _register(model: nn.Module, record: _Recorder) -> list[RemovableHandle]:
     hooks: list[tuple[nn.Module, Callable[[nn.Module, tuple, Tensor], None]]] = []
     if isinstance(model, LipschitzGPT):
@@ -264,8 +254,9 @@ def _register(model: nn.Module, record: _Recorder) -> list[RemovableHandle]:
     elif isinstance(model, BaselineGPT):
         hooks.append((model.embed, _output(record, "embed")))
         for i, block in enumerate(model.blocks):
-            p = f"block{i}."
-            hooks += [(block.qkv, _baseline_qkv(record, p, block.n_heads)), (block.o, _output(record, p + "attn_out"))]
+            p, attn = f"block{i}.", block.attn
+            hooks += [(getattr(attn, n), _output(record, p + n)) for n in ("q", "k", "v")]
+            hooks += [(attn, _lipschitz_attention(record, p))]
             hooks += [(block.fc_in, _output(record, p + "mlp_pre")), (block.fc_out, _input(record, p + "mlp_post"))]
             hooks.append((block, _output(record, p + "residual")))
     else:  # LipschitzMLP, the only other architecture a checkpoint can hold

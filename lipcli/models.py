@@ -25,6 +25,7 @@ from .nn import (
     NormOf,
     PositionBias,
     Residual,
+    Rotary,
     bias_rms,
     log10,
 )
@@ -160,7 +161,11 @@ class LipschitzGPT(nn.Module):
 
 
 class BaselineGPT(nn.Module):
-    """The usual unconstrained reference: pre-norm RMSNorm blocks, 1/sqrt(d_head) attention, AdamW."""
+    """The unconstrained reference a practitioner would pick at this size: nanoGPT's pre-norm block with RoPE.
+
+    RMSNorm before attention and MLP and on the head's input, rotary positions on q and k, GELU MLP, untied
+    head, GPT-2 initialization (N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers)).
+    """
 
     arch = "baseline-gpt"
 
@@ -172,11 +177,16 @@ class BaselineGPT(nn.Module):
         self.blocks = nn.ModuleList(_BaselineBlock(config) for _ in range(config.n_layers))
         self.norm = nn.RMSNorm(d)
         self.head = nn.Linear(d, config.vocab_size, bias=False)
-        generator = torch.Generator().manual_seed(config.seed)
-        for p in self.parameters() if init else ():
+        if init:
+            self._init(torch.Generator().manual_seed(config.seed))
+
+    @torch.no_grad()
+    def _init(self, generator: torch.Generator) -> None:
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
             if p.dim() == 2:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+                std = residual_std if name.endswith(("attn.o.weight", "fc_out.weight")) else 0.02
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
 
     def forward_embeddings(self, x: Tensor) -> Tensor:
         for block in self.blocks:
@@ -187,26 +197,58 @@ class BaselineGPT(nn.Module):
         return self.forward_embeddings(self.embed(tokens))
 
     def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
-        return [Group("all", list(self.parameters()), kind="free")]
+        """Hidden matrices (Muon's under muon-adamw), embedding and head (AdamW's, decayed), norm gains (no decay)."""
+        hidden = [p for name, p in self.blocks.named_parameters() if p.dim() == 2]
+        gains = [p for p in self.parameters() if p.dim() == 1]
+        return [
+            Group("hidden", hidden, "matrix", lr_mult=lr_mult.get("hidden", 1.0)),
+            Group("embed", [self.embed.weight], "edge", lr_mult=lr_mult.get("embed", 1.0)),
+            Group("head", [self.head.weight], "edge", lr_mult=lr_mult.get("head", 1.0)),
+            Group("norm", gains, "gain", lr_mult=lr_mult.get("norm", 1.0)),
+        ]
+
+
+class _BaselineAttention(nn.Module):
+    """Causal multi-head attention with RoPE on q and k and 1/sqrt(d_head) logits (SDPA's default)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        if d % config.n_heads:
+            raise ValueError(f"d_model {d} is not divisible by n_heads {config.n_heads}")
+        self.n_heads, self.head_dim = config.n_heads, d // config.n_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
+        self.rotary = Rotary(self.head_dim)
+
+    def _heads(self, z: Tensor) -> Tensor:
+        b, t, _ = z.shape
+        return z.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k = self.rotary(self._heads(self.q(x))), self.rotary(self._heads(self.k(x)))
+        y = F.scaled_dot_product_attention(q, k, self._heads(self.v(x)), is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(x.shape))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """The attention logits [B, H, T, T] the forward pass feeds to softmax (-inf at masked positions)."""
+        q, k = self.rotary(self._heads(self.q(x))), self.rotary(self._heads(self.k(x)))
+        scores = q @ k.mT / math.sqrt(self.head_dim)
+        t = x.shape[-2]
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~causal, -math.inf)
 
 
 class _BaselineBlock(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         d = config.d_model
-        self.n_heads = config.n_heads
         self.norm1, self.norm2 = nn.RMSNorm(d), nn.RMSNorm(d)
-        self.qkv = nn.Linear(d, 3 * d, bias=False)
-        self.o = nn.Linear(d, d, bias=False)
+        self.attn = _BaselineAttention(config)
         self.fc_in = nn.Linear(d, config.mlp_ratio * d, bias=False)
         self.fc_out = nn.Linear(config.mlp_ratio * d, d, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.o(y)
+        x = x + self.attn(self.norm1(x))
         return x + self.fc_out(F.gelu(self.fc_in(self.norm2(x))))
 
 

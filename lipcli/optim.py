@@ -1,8 +1,9 @@
 """Optimizers that keep their constraint after every step: Muon (+ any method) and AdamW (+ any method).
 
-Parameter groups carry ``kind`` ("matrix", "embed" or "free"), ``method`` and ``sigma_max``; models
-build them with :func:`param_groups`. A constraint only ever sees matrices; the optimizer tells it
-the one thing it knows that the constraint cannot: a bound on the norm of the step just taken.
+Parameter groups carry ``kind`` (see :data:`KINDS`), ``method`` and ``sigma_max``; models declare
+their groups and :func:`param_groups` turns them into optimizer groups. A constraint only ever sees
+matrices; the optimizer tells it the one thing it knows that the constraint cannot: a bound on the
+norm of the step just taken.
 """
 
 from __future__ import annotations
@@ -25,6 +26,18 @@ ADAMW_METHODS = ("none", "wd", "spec-wd", "normalize", "hammer", "hardcap", "svd
 
 
 DECAY_METHODS = ("wd", "spec-wd")
+OPTIMIZERS = ("muon", "adamw", "muon-adamw")
+
+# What a parameter is decides how it is stepped, capped and decayed.
+KINDS = {
+    "matrix": "hidden matrix: the method's spectral cap, decoupled decay; Muon orthogonalizes its step",
+    "embed": "Lipschitz token embedding: rows capped at sigma RMS, no decay",
+    "free": "input-independent vector (bias, position bias): unconstrained, decayed",
+    "edge": "unconstrained input/output matrix (an unconstrained model's embedding and head): decayed",
+    "gain": "normalization gain: unconstrained, never decayed",
+}
+# Under muon-adamw (modded-nanogpt's split) Muon takes these kinds, AdamW the rest.
+MUON_KINDS = ("matrix",)
 
 
 def check_method(optimizer: str, method: str, wd: float | None = None) -> None:
@@ -40,13 +53,13 @@ def check_method(optimizer: str, method: str, wd: float | None = None) -> None:
             "softcap's guarantee needs a known bound on each step's spectral norm, which only Muon gives; "
             "use --optimizer muon, or hardcap/normalize/svd with adamw"
         )
-    if optimizer == "muon" and method not in MUON_METHODS:
+    if optimizer in ("muon", "muon-adamw") and method not in MUON_METHODS:
         raise ValueError(
             "hammer only moves the top singular value, but Muon's full-rank steps raise all of them; "
             "use --optimizer adamw with hammer, or softcap/hardcap with muon"
         )
-    if optimizer not in ("muon", "adamw"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose muon or adamw")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose {', '.join(OPTIMIZERS)}")
 
 
 @dataclass(frozen=True)
@@ -55,9 +68,13 @@ class Group:
 
     name: str
     params: list[nn.Parameter]
-    kind: str  # "matrix": spectral cap; "embed": rows capped at unit RMS; "free": unconstrained
+    kind: str  # one of KINDS
     sigma_max: float = 1.0
     lr_mult: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"group {self.name}: unknown parameter kind {self.kind!r}; known: {', '.join(KINDS)}")
 
 
 def param_groups(groups: Iterable[Group], lr: float, method: str, wd: float) -> list[dict]:
@@ -68,7 +85,7 @@ def param_groups(groups: Iterable[Group], lr: float, method: str, wd: float) -> 
             continue
         group_method = method if g.kind == "matrix" else "none"
         spectral = group_method == "spec-wd"
-        decoupled = wd if g.kind != "embed" and not spectral else 0.0
+        decoupled = wd if g.kind not in ("embed", "gain") and not spectral else 0.0
         dicts.append(
             {
                 "params": g.params,
@@ -155,7 +172,7 @@ class Muon(torch.optim.Optimizer):
     def direction(self, update: Tensor, group: dict) -> Tensor:
         """The step before the learning rate: RMS->RMS norm <= gain for matrices, unit-RMS rows otherwise."""
         # Vectors (embedding rows, attention position biases) have no matrix sign: normalize each row instead.
-        if group["kind"] in ("embed", "free"):
+        if group["kind"] in ("embed", "free", "gain"):
             rms = update.pow(2).mean(dim=-1, keepdim=True).sqrt()
             # Rare tokens get small gradients: normalize rows, but inflate none more than embed_inflation.
             floor = rms.max() / group["embed_inflation"]
@@ -226,6 +243,36 @@ class ConstrainedAdamW(torch.optim.AdamW):
         return loss
 
 
+class MuonWithAdamW:
+    """Muon on the hidden matrices, AdamW on everything else (embedding, head, gains): modded-nanogpt's split.
+
+    Two library-style optimizers side by side; the training loop sees one ``param_groups`` list (the lr
+    schedule writes through it) and one state dict.
+    """
+
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+
+
 def build_optimizer(
     name: str,
     groups: Iterable[Group],
@@ -236,9 +283,18 @@ def build_optimizer(
     rank: int = 0,
     world_size: int = 1,
     embed_inflation: float = 16.0,
+    adamw_lr: float | None = None,
 ) -> torch.optim.Optimizer:
-    """Muon sharded over ``world_size`` ranks, or AdamW (every rank repeats the same step: it is cheap)."""
+    """Muon sharded over ``world_size`` ranks, AdamW (every rank repeats the same step: it is cheap), or
+    muon-adamw: Muon at ``lr`` on :data:`MUON_KINDS`, AdamW at ``adamw_lr`` on the other groups."""
     check_method(name, method)
+    groups = list(groups)
+    if name == "muon-adamw":
+        muon_groups = [g for g in groups if g.kind in MUON_KINDS]
+        other = [g for g in groups if g.kind not in MUON_KINDS]
+        muon = build_optimizer("muon", muon_groups, lr, method, wd, betas, rank, world_size, embed_inflation)
+        adamw = build_optimizer("adamw", other, adamw_lr or lr, method, wd, betas)
+        return MuonWithAdamW(muon, adamw)  # type: ignore[return-value]
     param_dicts = param_groups(groups, lr, method, wd)
     if name == "muon":
         return Muon(

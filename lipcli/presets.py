@@ -40,6 +40,7 @@ class TrainConfig:
     embed_inflation: float = 16.0  # Muon: the most a rare token's (row-normalized) embedding step is scaled up
     blocks_mass: float | None = None  # Modula-style lr split between embed/head and blocks (None: even)
     lr: float = 0.1
+    adamw_lr: float | None = None  # muon-adamw: AdamW's lr on the embedding, head and gains (None: lr)
     wd: float = 0.0
     steps: int = 1000
     batch_size: int = 32

@@ -31,7 +31,7 @@ from .data import (
 )
 from .distributed import SINGLE, World
 from .models import build_model, max_weight_norm
-from .optim import Muon, build_optimizer, check_method
+from .optim import Muon, MuonWithAdamW, build_optimizer, check_method
 from .presets import Preset, TrainConfig
 
 IMAGE_SETS = ("digits", "cifar10")
@@ -251,7 +251,7 @@ def _train(
     groups = model.groups(t.sigma_max, t.caps, lr_mult)
     optimizer = build_optimizer(
         t.optimizer, groups, t.lr, t.method, t.wd, rank=world.rank, world_size=world.size,
-        embed_inflation=t.embed_inflation,
+        embed_inflation=t.embed_inflation, adamw_lr=t.adamw_lr,
     )  # fmt: skip
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     start_step, history = 0, []
@@ -325,6 +325,9 @@ def _train(
 
 def _full_optimizer_state(optimizer: torch.optim.Optimizer, world: World) -> dict | None:
     """Every parameter's optimizer state, on rank 0 (None elsewhere): sharded Muon gathers it from the owners."""
+    if isinstance(optimizer, MuonWithAdamW) and world.size > 1:
+        muon = distributed.gather_sharded_state(optimizer.muon, world)
+        return {"muon": muon, "adamw": optimizer.adamw.state_dict()} if world.is_main else None
     if isinstance(optimizer, Muon) and world.size > 1:
         return distributed.gather_sharded_state(optimizer, world)
     return optimizer.state_dict() if world.is_main else None

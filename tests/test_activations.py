@@ -108,12 +108,15 @@ def _baseline_forward(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     x = sites["embed"]
     b, t, d = x.shape
     for i, block in enumerate(model.blocks):
-        p = f"block{i}."
-        sites[p + "qkv"] = _rms_norm(x, block.norm1.weight) @ block.qkv.weight.T
-        q, k, v = (_heads(z, n_heads) for z in sites[p + "qkv"].split(d, dim=-1))
+        p, attn = f"block{i}.", block.attn
+        h = _rms_norm(x, block.norm1.weight)
+        for name in ("q", "k", "v"):
+            sites[p + name] = h @ getattr(attn, name).weight.T
+        q, k = (_rope(_heads(sites[p + n], n_heads)) for n in ("q", "k"))
         scores = q @ k.mT / math.sqrt(d // n_heads)
         sites[p + "attn_logits"] = _causal_entries(scores)
-        sites[p + "attn_out"] = (_causal_softmax(scores) @ v).transpose(1, 2).reshape(b, t, d) @ block.o.weight.T
+        y = (_causal_softmax(scores) @ _heads(sites[p + "v"], n_heads)).transpose(1, 2).reshape(b, t, d)
+        sites[p + "attn_out"] = y @ attn.o.weight.T
         x = x + sites[p + "attn_out"]
         sites[p + "mlp_pre"] = _rms_norm(x, block.norm2.weight) @ block.fc_in.weight.T
         sites[p + "mlp_post"] = F.gelu(sites[p + "mlp_pre"])
@@ -153,7 +156,7 @@ def test_headroom_flags_and_compare_ratio(lipschitz, baseline):
     outlier = free.site("block0.mlp_pre")
     assert outlier.max_abs > LIMITS["e5m2"] and outlier.exceeds == ["e4m3", "e5m2"]
     assert outlier.headroom["e4m3"] == pytest.approx(outlier.max_abs / 448.0)
-    assert free.site("embed").exceeds == [] and free.site("block0.qkv").exceeds == []
+    assert free.site("embed").exceeds == [] and free.site("block0.q").exceeds == []
     assert free.max_abs == max(s.max_abs for s in free.sites)
     comparison = compare([capped, free])
     assert comparison.reference == str(lipschitz)
@@ -186,7 +189,7 @@ def test_fp8_check_rounds_linear_layers_and_restores_them(lipschitz, baseline):
         assert torch.equal(value, before[key]), key
     assert profile(ckpt, **SMALL).max_abs == profile(lipschitz, **SMALL).max_abs  # no hook left behind
     blown = fp8_check(baseline, **SMALL)  # fc_in's weights and fc_out's inputs saturate at 448
-    assert blown.layers == 2 * 4 + 1  # qkv, o, fc_in, fc_out per block, and the head
+    assert blown.layers == 2 * 6 + 1  # q, k, v, o, fc_in, fc_out per block, and the head
     fc_in = load(baseline).model.blocks[0].fc_in.weight
     assert blown.clamped_weights == int((fc_in.abs() > 448).sum()) > 0 and blown.clamped_inputs > 0
     assert math.isfinite(blown.fp8_val_loss) and blown.fp8_val_loss != blown.val_loss
@@ -225,7 +228,7 @@ def test_cli_tables_flag_sites_over_e4m3(lipschitz, baseline):
     lines = result.stdout.splitlines()
     assert "block1.attn_logits" in result.stdout and "relative to" in result.stdout
     assert any("block0.mlp_pre" in line and "OVER" in line for line in lines)
-    assert not any(("block0.qkv" in line or "block0.q " in line) and "OVER" in line for line in lines)
+    assert not any("block0.q " in line and "OVER" in line for line in lines)
 
 
 def test_cli_errors_are_one_line_exit_2(lipschitz, tmp_path, monkeypatch):

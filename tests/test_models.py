@@ -268,3 +268,29 @@ def test_content_free_attention_is_the_bias_softmax_applied_to_the_values_and_le
     y = (pattern @ v).transpose(1, 2).reshape(2, 7, 12)
     torch.testing.assert_close(attn(x), attn.o(y * ATTENTION_OUT_FACTOR))
     assert not attn.q.weight.requires_grad and not attn.k.weight.requires_grad and attn.v.weight.requires_grad
+
+
+def test_baseline_predictions_depend_on_the_order_of_the_context():
+    """One causal layer without positions sees earlier tokens as a set: swapping two leaves the last output alone."""
+    model = BaselineGPT(GPTConfig(vocab_size=11, d_model=24, n_layers=1, n_heads=3, context=12)).double()
+    with torch.no_grad():  # sharper attention than at init, so order (if seen at all) moves the output clearly
+        model.blocks[0].attn.q.weight.mul_(30.0)
+        model.blocks[0].attn.k.weight.mul_(30.0)
+    tokens = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    swapped = tokens[:, [1, 0, 2, 3, 4, 5, 6]]
+    with torch.no_grad():
+        last, last_swapped = model(tokens)[0, -1], model(swapped)[0, -1]
+    assert (last - last_swapped).abs().max() > 1e-3 * last.abs().max()
+
+
+def test_baseline_init_is_gpt2s_and_its_groups_cover_every_parameter_once():
+    model = BaselineGPT(GPTConfig(vocab_size=11, d_model=64, n_layers=4, n_heads=4, context=12))
+    std = {name: float(p.std()) for name, p in model.named_parameters() if p.dim() == 2}
+    assert std["embed.weight"] == pytest.approx(0.02, rel=0.2) and std["head.weight"] == pytest.approx(0.02, rel=0.2)
+    assert std["blocks.0.attn.q.weight"] == pytest.approx(0.02, rel=0.1)
+    for name in ("blocks.0.attn.o.weight", "blocks.3.fc_out.weight"):
+        assert std[name] == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
+    groups = model.groups(1.0, {}, {"head": 0.5})
+    assert {g.name: g.kind for g in groups} == {"hidden": "matrix", "embed": "edge", "head": "edge", "norm": "gain"}
+    assert sorted(id(p) for g in groups for p in g.params) == sorted(id(p) for p in model.parameters())
+    assert next(g for g in groups if g.name == "head").lr_mult == 0.5

@@ -164,3 +164,36 @@ def test_embed_inflation_limits_how_far_a_rare_tokens_step_is_scaled_up():
     grad[0] *= 1e-6  # a token that barely occurs
     rows = opt.direction(grad, embed_group).pow(2).mean(dim=-1).sqrt()
     assert float(rows[1:].min()) == pytest.approx(1.0) and float(rows[0]) == pytest.approx(2.0 * 1e-6, rel=1e-3)
+
+
+def test_muon_adamw_splits_hidden_matrices_from_the_rest_and_decays_no_gain():
+    from lipcli.models import BaselineGPT
+    from lipcli.optim import ConstrainedAdamW, MuonWithAdamW
+
+    model = BaselineGPT(GPTConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, context=8))
+    optimizer = build_optimizer("muon-adamw", model.groups(1.0, {}, {}), 0.05, "none", 0.1, adamw_lr=3e-3)
+    assert isinstance(optimizer, MuonWithAdamW) and isinstance(optimizer.adamw, ConstrainedAdamW)
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    assert [g["name"] for g in optimizer.muon.param_groups] == ["hidden"]
+    assert by_name["hidden"]["lr"] == 0.05 and by_name["head"]["lr"] == 3e-3 and by_name["embed"]["lr"] == 3e-3
+    assert by_name["norm"]["weight_decay"] == 0.0 and by_name["head"]["weight_decay"] == 0.1
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tokens = torch.randint(0, 11, (2, 8))
+    F.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+    optimizer.step()
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())
+    q = model.blocks[0].attn.q.weight
+    # Muon's step on a square matrix: RMS->RMS norm lr x the quintic's gain, never AdamW's sign-like step.
+    step = float(rms_norm_exact(q.detach() - before["blocks.0.attn.q.weight"]))
+    assert 0.05 * 0.6 < step <= 0.05 * max_gain(MUON_COEFFS) * 1.05 + 0.05 * 0.05 * 0.1
+    state = optimizer.state_dict()
+    again = build_optimizer("muon-adamw", model.groups(1.0, {}, {}), 0.05, "none", 0.1, adamw_lr=3e-3)
+    again.load_state_dict(state)
+    assert again.state_dict()["adamw"]["state"].keys() == state["adamw"]["state"].keys()
+
+
+def test_unknown_parameter_kinds_are_rejected():
+    from lipcli.optim import Group
+
+    with pytest.raises(ValueError, match="unknown parameter kind"):
+        Group("x", [], "matrices")
