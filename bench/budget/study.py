@@ -61,10 +61,14 @@ def point(name: str) -> Point:
     return Point(name, preset)
 
 
-def baseline() -> Point:
-    reference = baseline_point(load_preset("shakespeare-cpu"), True)
+# The fair unconstrained references (bench/baseline: RoPE, tuned lr), at shakespeare-cpu's size, data and steps.
+BASELINES = {"baseline": "shakespeare-baseline", "baseline-muon": "shakespeare-baseline-muon"}
+
+
+def baseline(name: str) -> Point:
+    reference = baseline_point(load_preset("shakespeare-cpu"), BASELINES[name])
     assert reference is not None
-    return Point("baseline", reference.preset, baseline=True)
+    return Point(name, reference.preset, baseline=True)
 
 
 def run(p: Point, out: Path) -> dict:
@@ -119,15 +123,15 @@ def report(rows: list[dict], out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", nargs="*", choices=[*POINTS, "baseline"])
+    parser.add_argument("--only", nargs="*", choices=[*POINTS, *BASELINES])
     parser.add_argument("--report", action="store_true", help="only rebuild results.md and budget.png")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    names = args.only or [*POINTS, "baseline"]
+    names = args.only or [*POINTS, *BASELINES]
     if not args.report:
         for name in names:
-            run(baseline() if name == "baseline" else point(name), HERE)
+            run(baseline(name) if name in BASELINES else point(name), HERE)
     saved = [json.loads(p.read_text()) for p in sorted((HERE / "points").glob("*.json"))]
     report([row for row in saved if "measured" in row], HERE)  # not yet measured: still running elsewhere
 
