@@ -248,7 +248,8 @@ def _register(model: nn.Module, record: _Recorder) -> list[RemovableHandle]:
         hooks.append((model.embed, _output(record, "embed")))
         for i, block in enumerate(model.blocks):
             p, attn, mlp = f"block{i}.", block.attn.inner, block.mlp.inner
-            hooks += [(getattr(attn, n), _output(record, p + n)) for n in ("q", "k", "v")]
+            # Position-only heads have no q or k: only the content heads' projections are sites.
+            hooks += [(getattr(attn, n), _output(record, p + n)) for n in ("q", "k", "v") if getattr(attn, n)]
             hooks += [(attn, _lipschitz_attention(record, p)), _pre_activation(record, p + "mlp_pre", mlp)]
             hooks += [(mlp.fc_out, _input(record, p + "mlp_post")), (block, _output(record, p + "residual"))]
     elif isinstance(model, BaselineGPT):

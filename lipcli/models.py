@@ -43,6 +43,7 @@ class GPTConfig:
     mlp_ratio: int = 4
     residual_scale: float = 1.0  # a = residual_scale / (2 n_layers) in x <- (1 - a) x + a f(x)
     softmax_scale: float = 1.0  # attention logits = softmax_scale * q.k / d_head
+    content_heads: int | None = None  # heads per layer that read content (None: all); the rest attend by position
     final_scale: float = 1.0  # fixed logit multiplier: counted in the certificate
     zero_init: bool = True  # zero-init attention/MLP output projections and the head (the reference's)
     position_bias: bool = False  # learned per-head logit bias by relative offset: free in the bound
@@ -101,7 +102,7 @@ class Block(nn.Module):
         position_context = config.context if config.position_bias else 0
         attention = Attention(
             config.d_model, config.n_heads, config.softmax_scale, config.zero_init, position_context,
-            config.attn_out_scale,
+            config.attn_out_scale, config.content_heads,
         )  # fmt: skip
         self.attn = Residual(attention, a)
         mlp = MLP(

@@ -196,7 +196,14 @@ class PositionBias(nn.Module):
 
 
 class Attention(nn.Module):
-    """Causal multi-head attention with 1/d_head logit scaling, RoPE, and a fixed output factor (1/3)."""
+    """Causal multi-head attention with a fixed output factor: content heads beside position heads.
+
+    The first ``content_heads`` heads read content: logits ``softmax_scale q.k / d_head`` with RoPE on q and
+    k (plus the position bias, if any). The other heads attend by position only: their pattern is the
+    softmax of their position bias (uniform over the causal prefix without one), the same for every input,
+    so they cost nothing in the query/key term of the bound. ``softmax_scale = 0`` makes every head a
+    position head. Only content heads have q and k weights.
+    """
 
     def __init__(
         self,
@@ -206,53 +213,66 @@ class Attention(nn.Module):
         zero_init: bool,
         position_context: int = 0,
         out_scale: float = ATTENTION_OUT_FACTOR,
+        content_heads: int | None = None,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        if content_heads is not None and not 0 <= content_heads <= n_heads:
+            raise ValueError(f"content_heads must lie in [0, n_heads = {n_heads}], not {content_heads}")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.softmax_scale, self.out_scale = softmax_scale, out_scale
-        self.q = HeadLinear(d_model, n_heads, self.head_dim, "attn_qk")
-        self.k = HeadLinear(d_model, n_heads, self.head_dim, "attn_qk")
+        self.content_heads = 0 if softmax_scale == 0 else (n_heads if content_heads is None else content_heads)
+        m = self.content_heads
+        self.q = HeadLinear(d_model, m, self.head_dim, "attn_qk") if m else None
+        self.k = HeadLinear(d_model, m, self.head_dim, "attn_qk") if m else None
         self.v = HeadLinear(d_model, n_heads, self.head_dim, "attn_v")
         self.o = Linear(d_model, d_model, "attn_out", zero_init=zero_init)
         self.rotary = Rotary(self.head_dim)
         self.position_bias = PositionBias(n_heads, position_context) if position_context else None
-        if self.content_free:
-            # q and k are multiplied by 0: kept for the checkpoint layout and certify, never computed or trained.
-            self.q.requires_grad_(False)
-            self.k.requires_grad_(False)
 
     @property
     def content_free(self) -> bool:
-        """Attention by position only: the pattern is the softmax of the biases, the same for every input."""
-        return self.softmax_scale == 0 and self.position_bias is not None
+        """Attention by position only: the pattern is the same for every input."""
+        return self.content_heads == 0
+
+    def _bias(self, t: int, device: torch.device) -> Tensor:
+        """The additive logit mask [n_heads, t, t]: the position bias, or 0 on the causal prefix; -inf after."""
+        if self.position_bias is not None:
+            return self.position_bias(t)
+        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
+        return torch.zeros(t, t, device=device).masked_fill(~causal, -math.inf).expand(self.n_heads, t, t)
+
+    def _content_scores(self, x: Tensor) -> Tensor:
+        """[B, content_heads, T, T] softmax_scale q.k / d_head with RoPE'd q and k, before any mask."""
+        assert self.q is not None and self.k is not None
+        q, k = self.rotary(self.q(x)), self.rotary(self.k(x))
+        return q @ k.mT * (self.softmax_scale / self.head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.content_free:
-            assert self.position_bias is not None
-            v = self.v(x)
-            y = (self.position_bias(x.shape[-2]).to(v.dtype).softmax(dim=-1) @ v).transpose(1, 2).reshape(x.shape)
-            return self.o(y * self.out_scale)
-        q, k, v = self.rotary(self.q(x)), self.rotary(self.k(x)), self.v(x)
-        scale = self.softmax_scale / self.head_dim
-        if self.position_bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        else:
-            mask = self.position_bias(x.shape[-2]).to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-        y = y.transpose(1, 2).reshape(x.shape)
-        return self.o(y * self.out_scale)
+        v, m, t = self.v(x), self.content_heads, x.shape[-2]
+        bias = self._bias(t, x.device).to(v.dtype)
+        parts = []
+        if m:
+            assert self.q is not None and self.k is not None
+            q, k = self.rotary(self.q(x)), self.rotary(self.k(x))
+            scale = self.softmax_scale / self.head_dim
+            if self.position_bias is None:
+                parts.append(F.scaled_dot_product_attention(q, k, v[:, :m], is_causal=True, scale=scale))
+            else:
+                parts.append(F.scaled_dot_product_attention(q, k, v[:, :m], attn_mask=bias[:m], scale=scale))
+        if m < self.n_heads:
+            parts.append(bias[m:].softmax(dim=-1) @ v[:, m:])
+        y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return self.o(y.transpose(1, 2).reshape(x.shape) * self.out_scale)
 
     def logits(self, x: Tensor) -> Tensor:
         """The attention logits [B, H, T, T] the forward pass feeds to softmax (-inf at masked positions)."""
-        q, k = self.rotary(self.q(x)), self.rotary(self.k(x))
-        scores = q @ k.mT * (self.softmax_scale / self.head_dim)
-        t = x.shape[-2]
-        if self.position_bias is not None:
-            return scores + self.position_bias(t).to(scores.dtype)
-        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        return scores.masked_fill(~causal, -math.inf)
+        m, t = self.content_heads, x.shape[-2]
+        bias = self._bias(t, x.device).to(x.dtype).expand(x.shape[0], self.n_heads, t, t)
+        if not m:
+            return bias
+        return torch.cat((self._content_scores(x) + bias[:, :m], bias[:, m:]), dim=1)
 
     def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
         """Lipschitz constant and output norm on inputs whose tokens have RMS <= in_norm.
@@ -260,14 +280,17 @@ class Attention(nn.Module):
         paper: c n_o (n_v + 2 n_v r^2 n_q n_k s), output c n_o n_v r with c = out_scale (1/3), with n_x the largest
         per-head norm (softmax_scale on the query/key term only; the reference applies it to all).
         tight: per-head value path c min(sum_h ||O_h V_h||, ||O|| sqrt(sum_h ||V_h||^2)) and per-head
-        query/key terms, combined the same way; see docs/certify.md for the derivation.
+        query/key terms over the content heads only, combined the same way; see docs/certify.md.
         """
-        r, s = in_norm, self.softmax_scale
-        n_q, n_k, n_v = (norm_of(m.weight) for m in (self.q, self.k, self.v))
+        r, s, c, m = in_norm, abs(self.softmax_scale), abs(self.out_scale), self.content_heads
+        n_v = norm_of(self.v.weight)
         n_o = float(norm_of(self.o.weight))
-        terms = {"n_q": float(n_q.max()), "n_k": float(n_k.max()), "n_v": float(n_v.max()), "n_o": n_o}
+        n_q = norm_of(self.q.weight) if self.q is not None else torch.zeros(0, dtype=n_v.dtype)
+        n_k = norm_of(self.k.weight) if self.k is not None else torch.zeros(0, dtype=n_v.dtype)
+        largest = {name: float(n.max()) if n.numel() else 0.0 for name, n in (("n_q", n_q), ("n_k", n_k), ("n_v", n_v))}
+        terms = {**largest, "n_o": n_o, "content_heads": float(m)}
         if not tight:
-            value = n_o * terms["n_v"] * self.out_scale
+            value = n_o * terms["n_v"] * c
             qk = value * 2.0 * r**2 * terms["n_q"] * terms["n_k"] * s
             return Bound(log10(value + qk), value * r, terms)
         # Spectral norms from RMS->RMS ones: a [d_head, d] slice has sigma = n / sqrt(H), a [d, d_head] one n sqrt(H).
@@ -279,11 +302,10 @@ class Attention(nn.Module):
         # instead of a [d, d] one, which is most of the cost of certifying a large model.
         r_heads = torch.linalg.qr(out_heads).R
         sig_ov = norm_of(r_heads @ self.v.weight.detach().to(n_v.dtype)) / heads
-        value = self.out_scale * min(float(sig_ov.sum()), n_o * float(sig_v.pow(2).sum().sqrt()))
-        per_head_qk = 2.0 * s * self.n_heads * sig_q * sig_k * sig_v * r**2
-        qk = self.out_scale * min(
-            float((sig_o_heads * per_head_qk).sum()), n_o * float(per_head_qk.pow(2).sum().sqrt())
-        )
+        value = c * min(float(sig_ov.sum()), n_o * float(sig_v.pow(2).sum().sqrt()))
+        # Position heads' logits do not depend on the input: only the first m (content) heads have this term.
+        per_head_qk = 2.0 * s * self.n_heads * sig_q * sig_k * sig_v[:m] * r**2
+        qk = c * min(float((sig_o_heads[:m] * per_head_qk).sum()), n_o * float(per_head_qk.pow(2).sum().sqrt()))
         terms.update({"value_path": value, "qk_path": qk})
         return Bound(log10(value + qk), value * r, terms)
 

@@ -51,6 +51,9 @@ def _bounds(model: torch.nn.Module) -> tuple[float, float]:
         {"softmax_scale": 0.0, "position_bias": True, "attn_out_scale": 1.0, "bias": True},
         {"softmax_scale": 2.0, "position_bias": True, "activation": "groupsort", "bias": True},
         {"softmax_scale": 0.0, "position_bias": True, "activation": "groupsort", "group_size": 4},
+        # Content heads beside position heads: only the content heads' query/key term is counted.
+        {"softmax_scale": 30.0, "n_heads": 4, "content_heads": 1, "position_bias": True, "attn_out_scale": 1.0},
+        {"softmax_scale": 16.0, "n_heads": 4, "content_heads": 2, "activation": "groupsort", "bias": True},
     ],
 )
 def test_gpt_bounds_exceed_measured_sensitivity(config):

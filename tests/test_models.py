@@ -257,17 +257,56 @@ def test_tight_value_path_uses_each_heads_joint_norm_of_o_and_v():
     assert bound.terms["value_path"] == pytest.approx(ATTENTION_OUT_FACTOR * joint, rel=1e-9)
 
 
-def test_content_free_attention_is_the_bias_softmax_applied_to_the_values_and_leaves_q_k_untrained():
+def test_content_free_attention_is_the_bias_softmax_applied_to_the_values_and_has_no_q_k():
     gen = torch.Generator().manual_seed(0)
     attn = Attention(d_model=12, n_heads=3, softmax_scale=0.0, zero_init=False, position_context=8)
-    for module in (attn.q, attn.k, attn.v, attn.o, attn.position_bias):
+    for module in (attn.v, attn.o, attn.position_bias):
         module.reset_parameters(gen)
     x = torch.randn(2, 7, 12, generator=gen)
     v = attn.v(x)
-    pattern = attn.logits(x).softmax(dim=-1)  # q.k times 0 plus the bias: what the general path computes
+    pattern = attn.logits(x).softmax(dim=-1)
     y = (pattern @ v).transpose(1, 2).reshape(2, 7, 12)
     torch.testing.assert_close(attn(x), attn.o(y * ATTENTION_OUT_FACTOR))
-    assert not attn.q.weight.requires_grad and not attn.k.weight.requires_grad and attn.v.weight.requires_grad
+    assert attn.q is None and attn.k is None and attn.content_free
+
+
+@pytest.mark.parametrize("position_context", [0, 8])
+def test_mixed_heads_read_content_in_the_first_heads_and_position_in_the_rest(position_context):
+    """Content heads: softmax(s q.k / d_h + bias) V; position heads: softmax(bias) V, whatever the input."""
+    gen = torch.Generator().manual_seed(0)
+    attn = Attention(12, 3, 4.0, zero_init=False, position_context=position_context, content_heads=1).double()
+    for module in (attn.q, attn.k, attn.v, attn.o, attn.position_bias):
+        if module is not None:
+            module.reset_parameters(gen)
+    assert attn.q.weight.shape == (1, 4, 12) and attn.v.weight.shape == (3, 4, 12)
+    x = torch.randn(2, 7, 12, generator=gen, dtype=torch.float64)
+    q, k = attn.rotary(attn.q(x)), attn.rotary(attn.k(x))
+    causal = torch.ones(7, 7, dtype=torch.bool).tril()
+    bias = attn.position_bias(7) if position_context else torch.zeros(3, 7, 7).masked_fill(~causal, -math.inf)
+    bias = bias.double()
+    content = (4.0 * q @ k.mT / 4 + bias[:1]).softmax(dim=-1)
+    pattern = torch.cat((content, bias[1:].softmax(dim=-1).expand(2, 2, 7, 7)), dim=1)
+    torch.testing.assert_close(attn.logits(x).softmax(dim=-1), pattern)
+    y = (pattern @ attn.v(x)).transpose(1, 2).reshape(2, 7, 12)
+    torch.testing.assert_close(attn(x), attn.o(y * ATTENTION_OUT_FACTOR))
+    other = x.clone()
+    other[:, :-1] = torch.randn(2, 6, 12, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(attn.logits(other)[:, 1:], attn.logits(x)[:, 1:])  # position heads ignore content
+
+
+def test_only_content_heads_pay_the_query_key_term():
+    def bound(content_heads: int):
+        attn = Attention(16, 4, 8.0, zero_init=False, position_context=8, content_heads=content_heads).double()
+        gen = torch.Generator().manual_seed(0)
+        for module in (attn.q, attn.k, attn.v, attn.o, attn.position_bias):
+            if module is not None:
+                module.reset_parameters(gen)
+        return attn.bound(1.0, lambda w: rms_norm_exact(w, dtype=torch.float64), tight=True).terms
+
+    all_heads, one, none = bound(4), bound(1), bound(0)
+    assert none["qk_path"] == 0.0 and one["qk_path"] > 0.0
+    assert one["qk_path"] <= all_heads["qk_path"] / 1.9  # 1 of 4 heads: sqrt(4) = 2x less, at orthogonal init
+    assert one["value_path"] == pytest.approx(all_heads["value_path"], rel=0.5)
 
 
 def test_baseline_predictions_depend_on_the_order_of_the_context():
