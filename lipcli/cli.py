@@ -617,11 +617,11 @@ def sweep_command(
     baseline_preset: Annotated[
         str | None,
         typer.Option(
-            help="Unconstrained reference run at the sweep's size, data and steps (default for "
-            "shakespeare presets: shakespeare-baseline)."
+            help="Unconstrained reference run at the sweep's size, data and steps instead of the preset's own "
+            "`baselines` (shakespeare-cpu: shakespeare-baseline and shakespeare-baseline-muon)."
         ),
     ] = None,
-    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Run the baseline too.")] = True,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="Run the baselines too.")] = True,
     jobs: Annotated[int, typer.Option(help="Runs in parallel processes, each with cores/jobs threads.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:

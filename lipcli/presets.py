@@ -61,6 +61,7 @@ class Preset:
     arch: str
     model: dict[str, Any]
     train: TrainConfig
+    baselines: tuple[str, ...] = ()  # the unconstrained references a sweep compares this preset against
 
 
 def available() -> list[str]:
@@ -94,7 +95,10 @@ def load_preset(name_or_path: str = DEFAULT_PRESET) -> Preset:
     arch = model.pop("arch", None)
     if arch is None:
         raise PresetError(f"preset {name}: [model] needs an arch")
-    preset = Preset(name, raw.get("description", ""), arch, model, TrainConfig())
+    baselines = raw.get("baselines", [])
+    if not isinstance(baselines, list) or not all(isinstance(b, str) for b in baselines):
+        raise PresetError(f"preset {name}: baselines must be a list of preset names")
+    preset = Preset(name, raw.get("description", ""), arch, model, TrainConfig(), tuple(baselines))
     return apply_overrides(preset, {f"train.{k}": v for k, v in raw.get("train", {}).items()})
 
 

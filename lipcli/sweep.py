@@ -156,7 +156,7 @@ def sweep(
 ) -> SweepResult:
     """Train, certify and profile every valid (optimizer, method, sigma_max) of the grid, plus a baseline.
 
-    ``baseline``: True for the preset's unconstrained reference (shakespeare-baseline), a preset name, or False.
+    ``baseline``: True for the preset's unconstrained references (its ``baselines``), a preset name, or False.
     ``decays``: the weight-decay strengths of the wd method's points (default: the preset's train.wd).
     ``lrs``: learning rate per optimizer (default: the preset's for its own optimizer, DEFAULT_LRS for another).
     A failed run is reported in ``failed`` while the others go on; bad input raises ValueError before any run.
@@ -167,8 +167,7 @@ def sweep(
     _figure_class()  # a missing matplotlib should fail now, not after hours of training
     base = base_preset(preset_name, steps, overrides or {})
     grid = expand_grid(base, optimizers, methods, sigmas, decays, lrs)
-    extra = baseline_point(base, baseline)
-    points = grid.points + ([extra] if extra else [])
+    points = grid.points + baseline_points(base, baseline)
     for point in points:
         validate(point.preset)
     out_dir = Path(out_dir)
@@ -267,13 +266,20 @@ def grid_point(base: Preset, optimizer: str, method: str, sigma: float | None, w
     return Point(name, apply_overrides(base, axes))
 
 
-def baseline_point(base: Preset, baseline: bool | str) -> Point | None:
-    """The unconstrained reference at the sweep's size, data and budget (None when ``baseline`` is False)."""
+def baseline_points(base: Preset, baseline: bool | str) -> list[Point]:
+    """The unconstrained references at the sweep's size, data and budget: the preset's ``baselines``
+    (True), one named preset, or none (False)."""
     if baseline is False:
-        return None
-    if baseline is True and not base.name.startswith("shakespeare"):
-        raise ValueError(f"no default baseline for preset {base.name}: use --baseline-preset NAME or --no-baseline")
-    reference = load_preset("shakespeare-baseline" if baseline is True else baseline)
+        return []
+    names = base.baselines if baseline is True else (baseline,)
+    if not names:
+        raise ValueError(f"preset {base.name} names no baselines: use --baseline-preset NAME or --no-baseline")
+    return [reference_point(base, name) for name in names]
+
+
+def reference_point(base: Preset, name: str) -> Point:
+    """Preset ``name`` (its own optimizer recipe) at ``base``'s shape, data and budget."""
+    reference = load_preset(name)
     shape = {f"model.{key}": base.model[key] for key in SHAPE_FIELDS if key in base.model}
     budget = {f"train.{key}": getattr(base.train, key) for key in BUDGET_FIELDS}
     return Point(reference.name, apply_overrides(reference, {**shape, **budget}), baseline=True)

@@ -91,7 +91,7 @@ def test_bad_input_raises_before_anything_is_written(tmp_path, options, words):
 
 def test_sweep_writes_results_then_reruns_only_missing_points(tmp_path):
     out = tmp_path / "sweep"
-    result = _tiny_sweep(out, sigmas=[0.5, 4.0], baseline=True)
+    result = _tiny_sweep(out, sigmas=[0.5, 4.0], baseline="shakespeare-baseline")
     assert [row.name for row in result.rows] == ["muon-softcap-0.5", "muon-softcap-4", "shakespeare-baseline"]
     low, high, base = result.rows
     assert low.log10_tight < high.log10_tight and low.log10_paper < high.log10_paper
@@ -115,7 +115,7 @@ def test_sweep_writes_results_then_reruns_only_missing_points(tmp_path):
     points = sorted((out / "points").iterdir())
     stamps = [p.stat().st_mtime_ns for p in points]
     events = []
-    again = _tiny_sweep(out, sigmas=[0.5, 4.0], baseline=True, on_event=events.append)
+    again = _tiny_sweep(out, sigmas=[0.5, 4.0], baseline="shakespeare-baseline", on_event=events.append)
     assert not _of_type(events, "start") and all(e["cached"] for e in _of_type(events, "point_done"))
     assert [asdict(row) for row in again.rows] == [asdict(row) for row in result.rows]
     assert [p.stat().st_mtime_ns for p in points] == stamps
@@ -123,7 +123,7 @@ def test_sweep_writes_results_then_reruns_only_missing_points(tmp_path):
     for path in [out / "points" / "muon-softcap-4.json", *(out / "runs").glob("muon-softcap-4.*")]:
         path.unlink()
     events = []
-    rerun = _tiny_sweep(out, sigmas=[0.5, 4.0], baseline=True, on_event=events.append)
+    rerun = _tiny_sweep(out, sigmas=[0.5, 4.0], baseline="shakespeare-baseline", on_event=events.append)
     assert {e["point"] for e in _of_type(events, "step")} == {"muon-softcap-4"}
     assert [e["step"] for e in _of_type(events, "step")] == list(range(1, TINY_GPT["train.steps"] + 1))
     assert _measured(rerun.rows) == _measured(result.rows)
@@ -208,3 +208,19 @@ def test_jobs_2_gives_the_same_rows_as_jobs_1(tmp_path, monkeypatch):
         steps = [i for i, e in enumerate(events) if e["type"] == "step" and e["point"] == name]
         assert len(steps) == TINY_GPT["train.steps"]
         assert max(steps) < next(i for i in done if events[i]["point"] == name)
+
+
+def test_the_default_baselines_are_the_presets_own_references_at_the_sweeps_size_and_budget():
+    from lipcli.presets import apply_overrides, load_preset
+    from lipcli.sweep import baseline_points
+
+    base = apply_overrides(load_preset("shakespeare-cpu"), TINY_GPT)
+    points = baseline_points(base, True)
+    assert [p.name for p in points] == ["shakespeare-baseline", "shakespeare-baseline-muon"]
+    assert [p.preset.train.optimizer for p in points] == ["adamw", "muon-adamw"]
+    for p in points:
+        assert p.baseline and p.preset.train.steps == base.train.steps
+        assert p.preset.model["d_model"] == base.model["d_model"]
+    assert baseline_points(base, False) == []
+    with pytest.raises(ValueError, match="names no baselines"):
+        baseline_points(load_preset("mlp-digits"), True)

@@ -24,7 +24,7 @@ import torch
 from lipcli.files import atomic_write, strict_json
 from lipcli.presets import apply_overrides, load_preset
 from lipcli.sensitivity import checkpoint_sensitivity
-from lipcli.sweep import Point, baseline_point, run_point
+from lipcli.sweep import Point, reference_point, run_point
 
 HERE = Path(__file__).resolve().parent
 THIRD = 1.0 / 3.0
@@ -66,8 +66,7 @@ BASELINES = {"baseline": "shakespeare-baseline", "baseline-muon": "shakespeare-b
 
 
 def baseline(name: str) -> Point:
-    reference = baseline_point(load_preset("shakespeare-cpu"), BASELINES[name])
-    assert reference is not None
+    reference = reference_point(load_preset("shakespeare-cpu"), BASELINES[name])
     return Point(name, reference.preset, baseline=True)
 
 

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from lipcli.presets import apply_overrides, load_preset
-from lipcli.sweep import Row, Skipped, SweepResult, baseline_point, run_point, write_results
+from lipcli.sweep import Row, Skipped, SweepResult, reference_point, run_point, write_results
 
 HERE = Path(__file__).resolve().parent
 REFERENCES = ("shakespeare-baseline", "shakespeare-baseline-muon")
@@ -32,8 +32,7 @@ def main() -> None:
         old.unlink()
     for name in REFERENCES:
         if not (HERE / "points" / f"{name}.json").exists():
-            point = baseline_point(base, name)
-            assert point is not None
+            point = reference_point(base, name)
             row = run_point(point, HERE, lambda event: None)
             print(f"{name}: val acc {100 * row.val_acc:.2f}% loss {row.val_loss:.3f}", flush=True)
     rows = [Row.from_dict(json.loads(p.read_text())) for p in sorted((HERE / "points").glob("*.json"))]
