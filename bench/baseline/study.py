@@ -27,7 +27,7 @@ HERE = Path(__file__).resolve().parent
 ADAMW = {f"adamw-{lr:g}-w{w}": ("shakespeare-baseline", {"train.lr": lr, "train.warmup": w})
          for lr in (1e-3, 2e-3, 3e-3, 4e-3, 6e-3, 1e-2) for w in (0, 50, 100)}  # fmt: skip
 MUON = {f"muon-{lr:g}-adamw{alr:g}": ("shakespeare-baseline-muon", {"train.lr": lr, "train.adamw_lr": alr})
-        for lr in (0.02, 0.05, 0.1, 0.2) for alr in (3e-3, 6e-3)}  # fmt: skip
+        for lr in (0.02, 0.03, 0.05, 0.1, 0.2) for alr in (3e-3, 6e-3)}  # fmt: skip
 POINTS = {**ADAMW, **MUON}
 
 
@@ -58,6 +58,13 @@ def report() -> str:
             f"{s.get('train.warmup', '')} | {100 * r['val_acc']:.2f}% | {r['val_loss']:.3f} | "
             f"{r['max_activation']:.4g} | {r['wall_s']:.0f} |"
         )
+    # Every run's validation accuracy by step, screens stopped early (behind a finished point) included.
+    lines += ["", "Validation accuracy (%) by step; a row that stops early is a screen, stopped once it trailed.", "",
+              "| run | " + " | ".join(str(s) for s in range(100, 801, 100)) + " |", "|---|" + "---|" * 8]  # fmt: skip
+    for log in sorted((HERE / "runs").glob("*.log.jsonl")):
+        accs = {e["step"]: 100 * e["val_acc"] for e in map(json.loads, log.read_text().splitlines())}
+        cells = [f"{accs[s]:.1f}" if s in accs else "" for s in range(100, 801, 100)]
+        lines.append(f"| {log.name.removesuffix('.safetensors.log.jsonl')} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write(HERE / "results.md", lambda tmp: tmp.write_text(text))
     return text
