@@ -1,4 +1,5 @@
 import json
+import shutil
 from collections import Counter
 
 import pytest
@@ -9,7 +10,7 @@ from lipcli.data import DataError
 from lipcli.models import weight_matrices
 from lipcli.presets import PresetError, load_preset
 from lipcli.spectral import rms_norm_exact
-from lipcli.training import TrainingError, lr_factor, mass_lr_mult, train
+from lipcli.training import TrainingError, TrainingInterrupted, lr_factor, mass_lr_mult, train
 
 from .conftest import SHARED_DATA, tiny_preset
 
@@ -53,7 +54,7 @@ def test_interrupt_then_resume_equals_uninterrupted_run(tmp_path):
             raise KeyboardInterrupt
 
     path = tmp_path / "cut.safetensors"
-    with pytest.raises(TrainingError, match="step 3: continue with --resume"):
+    with pytest.raises(TrainingInterrupted, match="step 3: continue with --resume"):
         train(preset, path, on_event=interrupt)
     assert checkpoint.load(path).step == 3
     resumed = train(preset, path, resume=True)
@@ -109,11 +110,11 @@ def test_baseline_and_mlp_presets_train(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "error", "words"),
     [
-        ({"train.sigma_max": 0.0}, ValueError, "sigma-max must be > 0"),
+        ({"train.sigma_max": 0.0}, ValueError, "train.sigma_max must be a finite number > 0"),
         ({"train.optimizer": "adamw", "train.method": "softcap"}, ValueError, "only Muon"),
         ({"train.method": "clip"}, ValueError, "unknown constraint method"),
         ({"train.method": "wd", "train.wd": 0.0}, ValueError, "constrains only through --wd"),
-        ({"train.embed_inflation": 0.5}, ValueError, "embed_inflation must be >= 1"),
+        ({"train.embed_inflation": 0.5}, ValueError, "train.embed_inflation must be a finite number >= 1"),
         ({"train.data": "/nonexistent/corpus.txt"}, DataError, "not found"),
         ({"model.context": 10**7}, DataError, "too short"),
     ],
@@ -170,10 +171,12 @@ def test_token_shard_training_keeps_the_presets_padded_vocabulary(tmp_path):
     assert result.metrics["max_sigma"] <= 1.0 * (1 + 1e-3)
 
 
-def test_resume_refuses_weights_and_optimizer_state_from_different_steps(tmp_path):
+def test_resume_refuses_a_legacy_run_whose_weights_and_optimizer_state_differ_in_step(tmp_path):
+    """A run from before run records (no .OUT.run folder): OUT and OUT.optim.pt are the pair, and must agree."""
     out = tmp_path / "m.safetensors"
     train(tiny_preset(), out)
+    shutil.rmtree(tmp_path / ".m.safetensors.run")
     state = checkpoint.load_optimizer(out)
     checkpoint.save_optimizer(out, state["optimizer"], {"step": 3, "history": state["extra"]["history"]})
-    with pytest.raises(TrainingError, match="at step 6 but its optimizer state at step 3"):
+    with pytest.raises(checkpoint.CheckpointError, match="at step 6 but its optimizer state at step 3"):
         train(tiny_preset(**{"train.steps": 9}), out, resume=True)
