@@ -54,13 +54,27 @@ class RunFiles:
         self.log = out.with_name(out.name + ".log.jsonl")
         self._lock = FileLock(self.record / "lock", timeout=0)
 
-    def __enter__(self) -> RunFiles:
-        """Check ``out`` can be written, take the lock (or fail naming who holds it), remove a killed run's debris."""
+    def check_writable(self) -> None:
+        """Fail with one line unless ``out`` can be written; leaves nothing behind (runs before any training work)."""
         if self.out.is_dir():
             raise UserError(f"--out {self.out} is a folder; give a file path such as {self.out / 'model.safetensors'}")
+        folder = self.out.parent
+        while not folder.exists() and folder != folder.parent:  # the folders training will create
+            folder = folder.parent
+        if not folder.is_dir():
+            raise UserError(f"cannot write --out {self.out}: {folder} is not a folder")
+        try:
+            # Creating a file is the one sure test (root ignores permission bits, read-only mounts do not).
+            # Named like atomic_write's temp files, so one a kill leaves behind is cleaned up next time.
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{self.out.name}.", suffix=".tmp"):
+                pass
+        except OSError as exc:
+            raise UserError(f"cannot write --out {self.out}: {exc.strerror or exc} in {folder}") from None
+
+    def __enter__(self) -> RunFiles:
+        """Take the run's lock (or fail naming the file another run holds) and remove a killed run's debris."""
         try:
             self.record.mkdir(parents=True, exist_ok=True)
-            self._probe()
             self._lock.acquire()
         except Timeout:
             raise RunLockedError(
@@ -68,20 +82,12 @@ class RunFiles:
                 "wait for it to finish or choose another --out"
             ) from None
         except OSError as exc:
-            raise UserError(
-                f"cannot write --out {self.out}: {exc.strerror or exc} in {exc.filename or self.out.parent}"
-            ) from None
+            raise UserError(f"cannot write --out {self.out}: {exc.strerror or exc} ({exc.filename})") from None
         self._remove_debris()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._lock.release()
-
-    def _probe(self) -> None:
-        """Create and remove a file beside ``out``: the one sure test that it can be written (root ignores modes)."""
-        # Named like atomic_write's temp files, so one a kill leaves behind is cleaned up next time.
-        with tempfile.NamedTemporaryFile(dir=self.out.parent, prefix=f".{self.out.name}.", suffix=".tmp"):
-            pass
 
     def _remove_debris(self) -> None:
         """Temp files a kill -9 left behind (a killed save's pair goes at the next commit)."""

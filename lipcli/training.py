@@ -11,7 +11,7 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -73,9 +73,12 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def validate(preset: Preset, world_size: int = 1) -> None:
-    """Reject a bad configuration (for ``world_size`` processes) before any data is read or any file written."""
-    t = check_train_config(preset.train)  # a TrainConfig built in Python never passed through apply_overrides
+def validate(preset: Preset, world_size: int = 1) -> Preset:
+    """``preset`` checked for ``world_size`` processes before any data is read or any file written.
+
+    Returned with its train fields in their declared types (a TrainConfig built in Python may hold an int lr).
+    """
+    t = check_train_config(preset.train)
     try:
         check_method(t.optimizer, t.method, t.wd)
     except ValueError as exc:  # the optimizer module's plain ValueError: here it is the user's choice
@@ -83,6 +86,7 @@ def validate(preset: Preset, world_size: int = 1) -> None:
     resolve_device(t.device)
     distributed.local_batch_size(t.batch_size, World(size=world_size))
     check_group_names(preset)
+    return replace(preset, train=t)
 
 
 def check_group_names(preset: Preset) -> None:
@@ -244,21 +248,18 @@ def train(
     global batch with DDP; only rank 0 writes files and calls ``on_event``.
     """
     world = distributed.current_world()
-    validate(preset, world.size)
+    preset = validate(preset, world.size)
     device = distributed.process_device(resolve_device(preset.train.device), world)
     files = RunFiles(Path(out))
-    with distributed.joined(device) as world, ExitStack() as held:
-
-        def take_out() -> None:
-            held.enter_context(files)  # rank 0 alone writes: it alone checks --out, locks it and cleans up
-
-        distributed.on_main(take_out, world)
-        return _train(preset, files, resume, on_event if world.is_main else None, device, world)
+    with distributed.joined(device) as world, ExitStack() as held:  # held: the lock, taken in _train
+        distributed.on_main(files.check_writable, world)  # rank 0 alone writes files
+        return _train(preset, files, held, resume, on_event if world.is_main else None, device, world)
 
 
 def _train(
     preset: Preset,
     files: RunFiles,
+    held: ExitStack,
     resume: bool,
     on_event: Callable[[Event], None] | None,
     device: torch.device,
@@ -282,6 +283,8 @@ def _train(
     )  # fmt: skip
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     start_step, history = 0, []
+    # Locked only now: a run that fails on its data or configuration leaves no trace at --out.
+    distributed.on_main(lambda: _lock(files, held), world)
     if resume:
         start_step, history = _restore(files, model, optimizer, preset, world)
     elif files.log.exists() and world.is_main:
@@ -358,6 +361,10 @@ def _full_optimizer_state(optimizer: torch.optim.Optimizer, world: World) -> dic
     if isinstance(optimizer, Muon) and world.size > 1:
         return distributed.gather_sharded_state(optimizer, world)
     return optimizer.state_dict() if world.is_main else None
+
+
+def _lock(files: RunFiles, held: ExitStack) -> None:
+    held.enter_context(files)
 
 
 def _all_finite(tensors: dict[str, Tensor]) -> bool:
