@@ -10,6 +10,7 @@ the same ``OUT``; stale temp files of a killed run are removed when the next run
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import json
 import os
@@ -87,7 +88,16 @@ class RunFiles:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        lock_file = Path(self._lock.lock_file)
+        # A run that committed nothing (it failed on resume, or before its first save) leaves no trace. The lock
+        # file goes while still held, so a run starting now cannot lock the old file while another locks a new one.
+        untouched = [path.name for path in self.record.iterdir()] == [lock_file.name]
+        if untouched:
+            lock_file.unlink()
         self._lock.release()
+        if untouched:
+            with contextlib.suppress(OSError):  # a new run may have made its lock here already
+                self.record.rmdir()
 
     def _remove_debris(self) -> None:
         """Temp files a kill -9 left behind (a killed save's pair goes at the next commit)."""

@@ -434,7 +434,7 @@ def _read_run(files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimize
         pair = Pair(out, checkpoint.load(out).step)
     elif not _published(files, pair):
         raise CheckpointError(
-            f"--resume: {out} was replaced after training (the run's last save is step {pair.step} in "
+            f"--resume: {out} was changed after training (the run's last save is step {pair.step} in "
             f"{files.record}); train a new --out, or delete {files.record} to resume from {out} itself"
         )
     ckpt = checkpoint.load(pair.weights)
