@@ -158,7 +158,9 @@ def train(
     except TrainingInterrupted as exc:
         raise _fail(where + str(exc), INTERRUPTED) from None
     except KeyboardInterrupt:
-        raise _fail(f"{where}interrupted before training began; nothing was written", INTERRUPTED) from None
+        raise _fail(
+            f"{where}interrupted before the first training step; no checkpoint was changed", INTERRUPTED
+        ) from None
     except TrainingError as exc:
         raise _fail(where + str(exc), 1) from None
     except USER_ERRORS as exc:

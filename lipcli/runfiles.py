@@ -139,6 +139,8 @@ class RunFiles:
     def publish(self, pair: Pair) -> None:
         """Link (or, where links are not supported, copy) the pair to OUT and OUT.optim.pt, each by atomic rename."""
         for source, target in ((pair.weights, self.out), (pair.optimizer, optimizer_path(self.out))):
+            if target.exists() and target.samefile(source):
+                continue  # already published; renaming a link over its own file would leave the temp name behind
             atomic_write(target, lambda tmp, source=source: _link_or_copy(source, tmp))
 
     def is_published(self, path: Path, pair: Pair) -> bool:
