@@ -96,7 +96,12 @@ def train(
     out: Annotated[
         Path | None, typer.Option(help="Checkpoint path (default runs/<preset>-<method>-<sigma>.safetensors).")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint at --out and its .optim.pt.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run at --out from its last committed save (same model and optimizer settings)."
+        ),
+    ] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for init and data order (preset: 0).")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (autocast) (preset: fp32).")] = None,
