@@ -314,7 +314,7 @@ def _train(
             # The mean over ranks: every rank sees the same value, so all stop together on a NaN.
             loss_value = distributed.mean_over_ranks(loss.detach(), world) if check else None
             if loss_value is not None and not math.isfinite(loss_value):
-                raise TrainingError(_diverged(step, last_saved, out))
+                raise TrainingError(_diverged("loss", step, last_saved, out))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -326,9 +326,7 @@ def _train(
                 evaluation = evaluate(model, task.eval_batches(device), autocast, world)
                 # Before any norm is taken: the SVD of a NaN matrix fails instead of reporting the divergence.
                 if not (math.isfinite(evaluation["val_loss"]) and _all_finite(model.state_dict())):
-                    raise TrainingError(
-                        f"validation loss or weights became NaN/inf at step {step}; " + _kept(last_saved, out)
-                    )
+                    raise TrainingError(_diverged("validation loss or weights", step, last_saved, out))
                 metrics = {
                     "step": step,
                     "train_loss": loss_value,
@@ -341,7 +339,13 @@ def _train(
                 history.append(metrics)
                 optimizer_state = _full_optimizer_state(optimizer, world)
                 if world.is_main:
-                    _save(files, model, optimizer_state, train_config, step, task, history)
+                    try:
+                        _save(files, model, optimizer_state, train_config, step, task, history)
+                    except OSError as exc:  # a full disk or a folder gone: the committed pair is untouched
+                        reason = exc.strerror or str(exc)
+                        raise TrainingError(
+                            f"could not save step {step} ({reason}); {_kept(last_saved, out)}"
+                        ) from None
                 last_saved = step
                 emit({"type": "eval", **metrics})
     except KeyboardInterrupt:
@@ -385,12 +389,12 @@ def _n_params(model: nn.Module) -> int:
 
 def _kept(last_saved: int | None, out: Path) -> str:
     if last_saved:
-        return f"the last good checkpoint {out} (step {last_saved}) is kept. Lower --lr or --sigma-max."
-    return "no checkpoint was written. Lower --lr or --sigma-max."
+        return f"the last good checkpoint {out} (step {last_saved}) is kept"
+    return "no checkpoint was written"
 
 
-def _diverged(step: int, last_saved: int | None, out: Path) -> str:
-    return f"loss became NaN/inf at step {step}; " + _kept(last_saved, out)
+def _diverged(what: str, step: int, last_saved: int | None, out: Path) -> str:
+    return f"{what} became NaN/inf at step {step}; {_kept(last_saved, out)}. Lower --lr or --sigma-max."
 
 
 def _save(

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import shutil
@@ -274,6 +275,24 @@ def test_paths_with_brackets_print_literally_in_the_summary(tmp_path, monkeypatc
     result = runner.invoke(app, ["train", *tiny_cli(), "--out", str(out), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "a[/]run[bold].safetensors" in result.stdout
+
+
+def test_a_failed_save_is_one_line_exit_1_and_keeps_the_committed_checkpoint(tmp_path, monkeypatch):
+    real, calls = checkpoint.save_optimizer, []
+
+    def disk_full(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_optimizer", disk_full)
+    path = tmp_path / "m.safetensors"
+    result = runner.invoke(app, ["train", *tiny_cli(), "--out", str(path), "--quiet"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not save step 6 (No space left on device)" in lines[0] and "(step 3)" in lines[0]
+    assert checkpoint.load(path).step == 3 and checkpoint.load_optimizer(path)["extra"]["step"] == 3
 
 
 class _Killed(BaseException):

@@ -93,6 +93,20 @@ def test_out_that_is_a_folder_is_rejected_before_training(tmp_path):
     _assert_one_line_exit_2(result, "is a folder; give a file path")
 
 
+def test_out_inside_a_file_is_rejected_before_training(tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    before = _snapshot(tmp_path)
+    result = runner.invoke(app, ["train", *TINY, "--out", str(tmp_path / "notes.txt" / "m.safetensors"), "--quiet"])
+    _assert_one_line_exit_2(result, "notes.txt is not a folder")
+    assert _snapshot(tmp_path) == before
+
+
+def test_resume_with_nothing_to_resume_is_one_line_and_leaves_nothing(tmp_path):
+    result = runner.invoke(app, ["train", *TINY, "--out", str(tmp_path / "m.safetensors"), "--resume", "--quiet"])
+    _assert_one_line_exit_2(result, "no such checkpoint file")
+    assert [p.name for p in tmp_path.iterdir() if p.name != "cache"] == []  # cache: the test's data cache
+
+
 def test_read_only_out_folder_is_one_line_before_any_training_work(tmp_path, monkeypatch):
     def no_data(*args):
         raise AssertionError("training work started")
