@@ -15,7 +15,7 @@ from lipcli.cli import app
 from lipcli.models import build_model
 from lipcli.runfiles import RunFiles
 
-from .conftest import tiny_cli, tiny_preset
+from .conftest import module_data_dir, tiny_cli, tiny_preset
 
 runner = CliRunner()
 TINY = tiny_cli()  # as --set options, which win over flags: cases for the fields it sets use --set too
@@ -125,7 +125,8 @@ def test_read_only_out_folder_is_one_line_before_any_training_work(tmp_path, mon
 def trained(tmp_path_factory) -> Path:
     """A finished tiny run (6 steps, saves at 3 and 6) to copy for each resume case."""
     folder = tmp_path_factory.mktemp("trained")
-    training.train(tiny_preset(), folder / "m.safetensors")
+    with module_data_dir(folder):
+        training.train(tiny_preset(), folder / "m.safetensors")
     return folder
 
 
