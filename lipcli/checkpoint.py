@@ -300,8 +300,8 @@ def load_optimizer(path: str | os.PathLike[str]) -> dict:
         payload = torch.load(optim, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"{optim}: not a readable lipcli optimizer-state file (corrupt, truncated or foreign: "
-            f"{type(exc).__name__}); train again without --resume"
+            f"{optim}: unreadable optimizer state (corrupt, truncated or not lipcli's: {type(exc).__name__}); "
+            "train again without --resume"
         ) from exc
     if not (isinstance(payload, dict) and {"format_version", "optimizer", "extra"} <= set(payload)):
         raise CheckpointError(f"{optim}: not a lipcli optimizer-state file")

@@ -143,13 +143,12 @@ class RunFiles:
                 continue  # already published; renaming a link over its own file would leave the temp name behind
             atomic_write(target, lambda tmp, source=source: _link_or_copy(source, tmp))
 
-    def is_published(self, path: Path, pair: Pair) -> bool:
-        """Whether ``path`` still holds ``pair``'s weights (the same file, or the same bytes)."""
-        return path.exists() and (path.samefile(pair.weights) or filecmp.cmp(path, pair.weights, shallow=False))
-
-    def older_pairs(self, pair: Pair) -> list[Path]:
-        """Weights of pairs other than ``pair`` still in the record (a save killed after its commit keeps one)."""
-        return [path for path in self._pairs() if path != pair.weights]
+    def out_is_from_run(self, pair: Pair) -> bool:
+        """OUT is absent, or holds ``pair``'s weights or an older pair's still here (a kill came before publishing)."""
+        if not self.out.exists():
+            return True
+        candidates = [pair.weights, *(path for path in self._pairs() if path != pair.weights)]
+        return any(self.out.samefile(c) or filecmp.cmp(self.out, c, shallow=False) for c in candidates)
 
     def _pairs(self) -> list[Path]:
         return [path for path in self.record.glob("pair*.safetensors") if _PAIR.fullmatch(path.name)]

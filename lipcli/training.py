@@ -436,7 +436,7 @@ def _read_run(files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimize
     pair = files.committed()
     if pair is None:  # written by a lipcli before run records: OUT and OUT.optim.pt are the pair
         pair = Pair(out, checkpoint.load(out).step)
-    elif not _published(files, pair):
+    elif not files.out_is_from_run(pair):
         raise CheckpointError(
             f"--resume: {out} was changed after training (the run's last save is step {pair.step} in "
             f"{files.record}); train a new --out, or delete {files.record} to resume from {out} itself"
@@ -450,8 +450,10 @@ def _read_run(files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimize
         raise CheckpointError(f"--resume: {out} holds NaN/inf weights ({bad}); it cannot continue: train a new run")
     state = checkpoint.load_optimizer(pair.weights)
     saved_step = state["extra"].get("step") if isinstance(state["extra"], dict) else None
+    if ckpt.step != pair.step:
+        raise CheckpointError(f"--resume: {files.manifest} names step {pair.step}, its weights are at step {ckpt.step}")
     # Legacy runs wrote the two files one after the other: a kill between them left them at different steps.
-    if saved_step != ckpt.step or ckpt.step != pair.step:
+    if saved_step != ckpt.step:
         raise CheckpointError(
             f"--resume: {out} is at step {ckpt.step} but its optimizer state at step {saved_step} "
             "(the run was killed while saving): train again without --resume"
@@ -460,18 +462,13 @@ def _read_run(files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimize
     try:
         history = json.loads(state["extra"]["history"])
     except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{pair.optimizer}: no readable history in the optimizer state") from None
+        history = None
+    if not (isinstance(history, list) and all(isinstance(row, dict) and "wall_s" in row for row in history)):
+        raise CheckpointError(f"{pair.optimizer}: no readable history in the optimizer state")
     model.load_state_dict(ckpt.model.state_dict())
     if pair.weights != out:
         files.publish(pair)  # a kill between the commit and the publish left OUT one save behind
     return {"optimizer": state["optimizer"], "step": ckpt.step, "history": history}
-
-
-def _published(files: RunFiles, pair: Pair) -> bool:
-    """OUT is the committed pair, an older pair still in the record (killed before publishing), or absent."""
-    if not files.out.exists():
-        return True
-    return any(files.is_published(files.out, Pair(weights, 0)) for weights in [pair.weights, *files.older_pairs(pair)])
 
 
 def _check_same_model(out: Path, saved: dict, wanted: dict) -> None:
@@ -506,7 +503,7 @@ def _check_same_optimizer(
             raise unfit
         # lr is set afresh every step from this run's settings; everything else would silently stay the run's.
         for key in sorted(fresh.keys() & old.keys() - {"params", "lr", "initial_lr"}):
-            if old[key] != fresh[key]:
+            if type(old[key]) is not type(fresh[key]) or old[key] != fresh[key]:
                 raise CheckpointError(
                     f"--resume: {out} was trained with {key} {old[key]!r} for group {fresh.get('name', '?')}, "
                     f"this run asks {fresh[key]!r}; resume with the run's settings or train a new --out"

@@ -162,7 +162,7 @@ def _break_manifest(out: Path) -> None:
 
 
 BAD_RESUMES = [
-    ("random-byte optim", _write_random_bytes, [], "not a readable lipcli optimizer-state file"),
+    ("random-byte optim", _write_random_bytes, [], "unreadable optimizer state (corrupt, truncated or not lipcli's"),
     ("changed d_model", None, ["--set", "model.d_model=64"], "other model settings (d_model 32 -> 64)"),
     ("muon -> adamw", None, ["--optimizer", "adamw", "--method", "hardcap", "--lr", "0.003"],
      "trained with --optimizer muon, this run asks adamw"),
