@@ -191,6 +191,8 @@ def train(
         return
     # Escaped: a path or preset name may contain [brackets], which rich would read as markup.
     table = Table(title=escape(f"lipcli train: {chosen.name}"), show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a long path wraps whole instead of ending in "..."
     for key in ("checkpoint", "method", "optimizer", "sigma_max", "step", "val_loss", "val_acc", "max_sigma",
                 "log10_bound", "wall_s", "tokens_per_s", "peak_memory_mb"):  # fmt: skip
         table.add_row(key, escape(_fmt(summary.get(key))))
