@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -296,9 +295,14 @@ def load_optimizer(path: str | os.PathLike[str]) -> dict:
             f"{optim}: no optimizer state beside the checkpoint; --resume needs the file training writes"
         )
     try:
+        # weights_only: the file is data, never code. Any failure of the parser is the file's fault, and torch's
+        # own message would advise weights_only=False, which must never be done with a file of unknown origin.
         payload = torch.load(optim, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise CheckpointError(f"{optim}: unreadable optimizer state: {one_line(exc)}") from exc
+    except Exception as exc:
+        raise CheckpointError(
+            f"{optim}: unreadable optimizer state (corrupt, truncated or not lipcli's: {type(exc).__name__}); "
+            "train again without --resume"
+        ) from exc
     if not (isinstance(payload, dict) and {"format_version", "optimizer", "extra"} <= set(payload)):
         raise CheckpointError(f"{optim}: not a lipcli optimizer-state file")
     format_version = payload["format_version"]

@@ -1,7 +1,8 @@
 """The `lipcli` command line: parse options, call the library, render rich tables or one JSON object.
 
-Exit codes: 0 success; 1 the job ran but failed (diverged, interrupted, a --fail-above gate);
-2 bad input (unknown preset, unreadable file, invalid option values).
+Exit codes: 0 success; 1 the job ran but failed (diverged, a --fail-above gate);
+2 bad input (unknown preset, unreadable file, invalid option values); 130 interrupted (Ctrl-C, the
+shell's 128 + SIGINT; training keeps its last checkpoint).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from .checkpoint import CheckpointError
 from .data import DataError
+from .errors import UserError
 from .files import strict_json
 from .presets import DEFAULT_PRESET, PresetError, apply_overrides, available, load_preset, parse_set_options
 
@@ -31,6 +33,7 @@ app = typer.Typer(
 stdout = Console()
 stderr = Console(stderr=True)
 USER_ERRORS = (DataError, PresetError, CheckpointError, ValueError, FileNotFoundError)
+INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it and as typer exits for every other command
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -93,7 +96,12 @@ def train(
     out: Annotated[
         Path | None, typer.Option(help="Checkpoint path (default runs/<preset>-<method>-<sigma>.safetensors).")
     ] = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint at --out and its .optim.pt.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue the run at --out from its last committed save (same model and optimizer settings)."
+        ),
+    ] = False,
     seed: Annotated[int | None, typer.Option(help="Seed for init and data order (preset: 0).")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = None,
     dtype: Annotated[str | None, typer.Option(help="fp32 or bf16 (autocast) (preset: fp32).")] = None,
@@ -127,7 +135,7 @@ def train(
     """
     from .distributed import current_world
     from .files import one_line
-    from .training import TrainingError, validate
+    from .training import TrainingError, TrainingInterrupted, validate
     from .training import train as run_training
 
     world = current_world()
@@ -152,6 +160,12 @@ def train(
         else:
             with _TrainProgress(enabled=not (quiet or as_json) and world.is_main) as progress:
                 result = run_training(chosen, path, resume=resume, on_event=progress.on_event)
+    except TrainingInterrupted as exc:
+        raise _fail(where + str(exc), INTERRUPTED) from None
+    except KeyboardInterrupt:
+        raise _fail(
+            f"{where}interrupted before the first training step; no checkpoint was changed", INTERRUPTED
+        ) from None
     except TrainingError as exc:
         raise _fail(where + str(exc), 1) from None
     except USER_ERRORS as exc:
@@ -175,10 +189,13 @@ def train(
     if as_json:
         _print_json(summary)
         return
-    table = Table(title=f"lipcli train: {chosen.name}", show_header=False)
+    # Escaped: a path or preset name may contain [brackets], which rich would read as markup.
+    table = Table(title=escape(f"lipcli train: {chosen.name}"), show_header=False)
+    table.add_column("field", no_wrap=True)
+    table.add_column("value", overflow="fold")  # a long path wraps whole instead of ending in "..."
     for key in ("checkpoint", "method", "optimizer", "sigma_max", "step", "val_loss", "val_acc", "max_sigma",
                 "log10_bound", "wall_s", "tokens_per_s", "peak_memory_mb"):  # fmt: skip
-        table.add_row(key, _fmt(summary.get(key)))
+        table.add_row(key, escape(_fmt(summary.get(key))))
     table.add_row("certified bound", f"{_fmt_bound(bound.log10_bound)} ({bound.norm_pair})")
     stdout.print(table)
 
@@ -191,12 +208,12 @@ def _check_launch(nproc: int, device: str) -> None:
     from .training import resolve_device
 
     if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1 (got {nproc})")
+        raise UserError(f"--nproc must be >= 1 (got {nproc})")
     if current_world().size > 1:
-        raise ValueError("--nproc starts torchrun itself; drop it when launching with torchrun")
+        raise UserError("--nproc starts torchrun itself; drop it when launching with torchrun")
     gpus = torch.cuda.device_count()
     if resolve_device(device).type == "cuda" and nproc > gpus:
-        raise ValueError(f"--nproc {nproc} needs {nproc} GPUs (one per process); torch sees {gpus}")
+        raise UserError(f"--nproc {nproc} needs {nproc} GPUs (one per process); torch sees {gpus}")
 
 
 def _forwarded_args(ctx: typer.Context, drop: str) -> list[str]:

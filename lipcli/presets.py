@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
@@ -102,14 +103,104 @@ def load_preset(name_or_path: str = DEFAULT_PRESET) -> Preset:
     return apply_overrides(preset, {f"train.{k}": v for k, v in raw.get("train", {}).items()})
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
+@dataclass(frozen=True)
+class Rule:
+    """What one [train] value must be: its type, for numbers a finite range, for names a set of choices."""
+
+    kind: type  # str, int, float, bool or dict (a table of finite numbers keyed by group name)
+    optional: bool = False  # None is allowed
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        bounds = [
+            f"{op} {limit:g}" for op, limit in ((">", self.gt), (">=", self.ge), ("<", self.lt)) if limit is not None
+        ]
+        if self.choices:
+            text = "one of " + ", ".join(self.choices)
+        else:
+            noun = {str: "a string", int: "an integer", float: "a finite number", bool: "true or false",
+                    dict: "a table of finite numbers"}[self.kind]  # fmt: skip
+            text = " ".join([noun, " and ".join(bounds)]).strip()
+        return text + (" (or unset)" if self.optional else "")
+
+    def check(self, key: str, value: Any) -> Any:
+        """``value`` in the field's type (an int becomes a float where a float is due), or PresetError."""
+        if value is None and self.optional:
+            return None
+        if self.kind is dict:
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise self._error(key, value)
+            return {name: replace(self, kind=float).check(f"{key}.{name}", v) for name, v in value.items()}
+        if self.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        # bool is an int to Python, never to a config file.
+        if not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
+            raise self._error(key, value)
+        if self.kind is float and not math.isfinite(value):
+            raise self._error(key, value)
+        if self.choices and value not in self.choices:
+            raise self._error(key, value)
+        if self.kind in (int, float) and not self._in_range(value):
+            raise self._error(key, value)
+        return value
+
+    def _in_range(self, value: float) -> bool:
+        return (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt)
+        )
+
+    def _error(self, key: str, value: Any) -> PresetError:
+        return PresetError(f"{key} must be {self.describe()} (got {value!r})")
+
+
+# One rule per TrainConfig field (tests check they match); optimizer, method, tokenizer, data and device
+# are names their own modules check, with the list of choices.
+TRAIN_RULES: dict[str, Rule] = {
+    "data": Rule(str, optional=True),
+    "val_data": Rule(str, optional=True),
+    "tokenizer": Rule(str),
+    "val_fraction": Rule(float, gt=0, lt=1),
+    "optimizer": Rule(str),
+    "method": Rule(str),
+    "sigma_max": Rule(float, gt=0),
+    "caps": Rule(dict, gt=0),
+    "lr_mult": Rule(dict, ge=0),
+    "embed_inflation": Rule(float, ge=1),
+    "blocks_mass": Rule(float, optional=True, gt=0),
+    "lr": Rule(float, gt=0),
+    "adamw_lr": Rule(float, optional=True, gt=0),
+    "wd": Rule(float, ge=0),
+    "steps": Rule(int, ge=1),
+    "batch_size": Rule(int, ge=1),
+    "warmup": Rule(int, ge=0),
+    "schedule": Rule(str, choices=("linear", "cosine", "constant")),
+    "eval_every": Rule(int, ge=1),
+    "eval_batches": Rule(int, ge=1),
+    "seed": Rule(int, ge=0, lt=2**32),
+    "device": Rule(str),
+    "dtype": Rule(str, choices=("fp32", "bf16")),
+    "compile": Rule(bool),
+}
+
+
+def check_train_config(t: TrainConfig) -> TrainConfig:
+    """``t`` with every field checked against TRAIN_RULES (type, finiteness, range); PresetError names the field."""
+    return replace(t, **{f.name: TRAIN_RULES[f.name].check(f"train.{f.name}", getattr(t, f.name)) for f in fields(t)})
+
+
+def _coerce(value: Any, current: Any, key: str, rule: Rule | None = None) -> Any:
     """Parse a command-line string into the type of the field it overrides."""
-    if not isinstance(value, str) or isinstance(current, str):
+    if not isinstance(value, str) or isinstance(current, str) or (rule is not None and rule.kind is str):
         return value
     try:
         parsed = json.loads(value)
     except json.JSONDecodeError:
-        return value if current is None else _fail(key, value)
+        return value if current is None and rule is None else _fail(key, value)
     if isinstance(current, bool) and not isinstance(parsed, bool):
         _fail(key, value)
     if isinstance(current, float) and isinstance(parsed, int):
@@ -131,7 +222,7 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
         if section not in ("", "model", "train"):
             raise PresetError(f"unknown override section in {key!r}; use model.<field> or train.<field>")
         if section != "model" and name in train_fields:
-            train_values[name] = _coerce(value, getattr(preset.train, name), key)
+            train_values[name] = _coerce(value, getattr(preset.train, name), key, TRAIN_RULES[name])
         elif section != "train" and name in model_fields:
             default = model.get(name, getattr(config_from_dict(preset.arch, {}), name))
             model[name] = _coerce(value, default, key)
@@ -144,7 +235,7 @@ def apply_overrides(preset: Preset, overrides: dict[str, Any]) -> Preset:
         config_from_dict(preset.arch, model)
     except (TypeError, ValueError) as exc:
         raise PresetError(f"preset {preset.name}: {exc}") from None
-    return replace(preset, model=model, train=replace(preset.train, **train_values))
+    return replace(preset, model=model, train=check_train_config(replace(preset.train, **train_values)))
 
 
 def parse_set_options(items: list[str]) -> dict[str, str]:

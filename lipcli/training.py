@@ -10,7 +10,8 @@ import math
 import resource
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import checkpoint, distributed
+from .checkpoint import CheckpointError
 from .data import (
     BatchSampler,
     DataError,
@@ -30,15 +32,22 @@ from .data import (
     val_batches,
 )
 from .distributed import SINGLE, World
-from .models import build_model, max_weight_norm
+from .errors import UserError
+from .files import atomic_write
+from .models import build_model, config_dict, max_weight_norm
 from .optim import Muon, MuonWithAdamW, build_optimizer, check_method
-from .presets import Preset, TrainConfig
+from .presets import Preset, PresetError, TrainConfig, check_train_config
+from .runfiles import Pair, RunFiles
 
 IMAGE_SETS = ("digits", "cifar10")
 
 
 class TrainingError(RuntimeError):
     """A run that had to stop; the message says why and where the last good checkpoint is."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training, still an interrupt to callers; the message says which checkpoint is kept."""
 
 
 @dataclass
@@ -55,29 +64,45 @@ Event = dict[str, Any]
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch sees no CUDA device")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device must be auto, cpu, cuda or cuda:N (got {name!r})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but torch sees no CUDA device")
+    return device
 
 
-def validate(preset: Preset, world_size: int = 1) -> None:
-    """Reject a bad configuration (for ``world_size`` processes) before any data is read or any file written."""
-    t = preset.train
-    check_method(t.optimizer, t.method, t.wd)
-    if t.embed_inflation < 1:
-        raise ValueError(f"train.embed_inflation must be >= 1 (got {t.embed_inflation:g})")
-    if t.sigma_max <= 0 or any(v <= 0 for v in t.caps.values()):
-        raise ValueError(f"sigma-max must be > 0 (got {t.sigma_max}, caps {t.caps})")
-    for name, value in (("steps", t.steps), ("batch-size", t.batch_size), ("eval-every", t.eval_every)):
-        if value <= 0:
-            raise ValueError(f"--{name} must be > 0 (got {value})")
-    if t.lr <= 0:
-        raise ValueError(f"--lr must be > 0 (got {t.lr})")
-    if t.schedule not in ("linear", "cosine", "constant"):
-        raise ValueError(f"unknown schedule {t.schedule!r}; choose linear, cosine or constant")
-    if t.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"unknown dtype {t.dtype!r}; choose fp32 or bf16")
+def validate(preset: Preset, world_size: int = 1) -> Preset:
+    """``preset`` checked for ``world_size`` processes before any data is read or any file written.
+
+    Returned with its train fields in their declared types (a TrainConfig built in Python may hold an int lr).
+    """
+    t = check_train_config(preset.train)
+    try:
+        check_method(t.optimizer, t.method, t.wd)
+    except ValueError as exc:  # the optimizer module's plain ValueError: here it is the user's choice
+        raise PresetError(str(exc)) from None
+    resolve_device(t.device)
     distributed.local_batch_size(t.batch_size, World(size=world_size))
+    check_group_names(preset)
+    return replace(preset, train=t)
+
+
+def check_group_names(preset: Preset) -> None:
+    """Every key of train.caps and train.lr_mult must name one of the model's parameter groups."""
+    t = preset.train
+    if not (t.caps or t.lr_mult):
+        return
+    with torch.device("meta"):  # shapes only: no memory, no init
+        model = build_model(preset.arch, preset.model, init=False)
+    names = [group.name for group in model.groups(t.sigma_max, {}, {}) if group.params]
+    for field_name, table in (("caps", t.caps), ("lr_mult", t.lr_mult)):
+        unknown = sorted(set(table) - set(names))
+        if unknown:
+            raise PresetError(
+                f"train.{field_name}: unknown group {unknown[0]!r}; {preset.arch} has groups {', '.join(names)}"
+            )
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -223,21 +248,24 @@ def train(
     global batch with DDP; only rank 0 writes files and calls ``on_event``.
     """
     world = distributed.current_world()
-    validate(preset, world.size)
+    preset = validate(preset, world.size)
     device = distributed.process_device(resolve_device(preset.train.device), world)
-    with distributed.joined(device) as world:
-        return _train(preset, Path(out), resume, on_event if world.is_main else None, device, world)
+    files = RunFiles(Path(out))
+    with distributed.joined(device) as world, ExitStack() as held:  # held: the lock, taken in _train
+        distributed.on_main(files.check_writable, world)  # rank 0 alone writes files
+        return _train(preset, files, held, resume, on_event if world.is_main else None, device, world)
 
 
 def _train(
     preset: Preset,
-    out: Path,
+    files: RunFiles,
+    held: ExitStack,
     resume: bool,
     on_event: Callable[[Event], None] | None,
     device: torch.device,
     world: World,
 ) -> TrainResult:
-    t = preset.train
+    t, out = preset.train, files.out
     emit = on_event or (lambda event: None)
     torch.manual_seed(t.seed)
     task = make_task(preset, world)
@@ -255,11 +283,12 @@ def _train(
     )  # fmt: skip
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     start_step, history = 0, []
-    log_path = out.with_name(out.name + ".log.jsonl")
+    # Locked only now: a run that fails on its data or configuration leaves no trace at --out.
+    distributed.on_main(lambda: _lock(files, held), world)
     if resume:
-        start_step, history = _restore(out, model, optimizer, preset, world)
-    elif log_path.exists() and world.is_main:
-        log_path.unlink()
+        start_step, history = _restore(files, model, optimizer, preset, world)
+    elif files.log.exists() and world.is_main:
+        files.log.unlink()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
     # Compile the DDP wrapper, not the reverse: torch.compile then splits graphs at DDP's bucket boundaries.
     step_fn = distributed.data_parallel(model, device, world)
@@ -285,7 +314,7 @@ def _train(
             # The mean over ranks: every rank sees the same value, so all stop together on a NaN.
             loss_value = distributed.mean_over_ranks(loss.detach(), world) if check else None
             if loss_value is not None and not math.isfinite(loss_value):
-                raise TrainingError(_diverged(step, last_saved, out))
+                raise TrainingError(_diverged("loss", step, last_saved, out))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -294,25 +323,33 @@ def _train(
             elapsed = time.perf_counter() - started
             emit({"type": "step", "step": step, "loss": loss_value, "tokens_per_s": tokens / max(elapsed, 1e-9)})
             if evaluating:
+                evaluation = evaluate(model, task.eval_batches(device), autocast, world)
+                # Before any norm is taken: the SVD of a NaN matrix fails instead of reporting the divergence.
+                if not (math.isfinite(evaluation["val_loss"]) and _all_finite(model.state_dict())):
+                    raise TrainingError(_diverged("validation loss or weights", step, last_saved, out))
                 metrics = {
                     "step": step,
                     "train_loss": loss_value,
-                    **evaluate(model, task.eval_batches(device), autocast, world),
+                    **evaluation,
                     "max_sigma": max_weight_norm(model, torch.float32),  # float32: cheap on the device
                     "tokens_per_s": tokens / max(elapsed, 1e-9),
                     "peak_memory_mb": _peak_memory_mb(device),
                     "wall_s": wall_before + elapsed,
                 }
-                if not math.isfinite(metrics["val_loss"]):
-                    raise TrainingError(f"validation loss is NaN/inf at step {step}; " + _kept(last_saved, out))
                 history.append(metrics)
                 optimizer_state = _full_optimizer_state(optimizer, world)
                 if world.is_main:
-                    _save(out, model, optimizer_state, train_config, metrics, step, task, history, log_path)
+                    try:
+                        _save(files, model, optimizer_state, train_config, step, task, history)
+                    except OSError as exc:  # a full disk or a folder gone: the committed pair is untouched
+                        reason = exc.strerror or str(exc)
+                        raise TrainingError(
+                            f"could not save step {step} ({reason}); {_kept(last_saved, out)}"
+                        ) from None
                 last_saved = step
                 emit({"type": "eval", **metrics})
     except KeyboardInterrupt:
-        raise TrainingError(
+        raise TrainingInterrupted(
             f"interrupted at step {step}; "
             + (
                 f"last checkpoint {out} is at step {last_saved}: continue with --resume"
@@ -333,47 +370,153 @@ def _full_optimizer_state(optimizer: torch.optim.Optimizer, world: World) -> dic
     return optimizer.state_dict() if world.is_main else None
 
 
+def _lock(files: RunFiles, held: ExitStack) -> None:
+    held.enter_context(files)
+
+
+def _all_finite(tensors: dict[str, Tensor]) -> bool:
+    return _first_non_finite(tensors) is None
+
+
+def _first_non_finite(tensors: dict[str, Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or inf, or None."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def _n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def _kept(last_saved: int | None, out: Path) -> str:
     if last_saved:
-        return f"the last good checkpoint {out} (step {last_saved}) is kept. Lower --lr or --sigma-max."
-    return "no checkpoint was written. Lower --lr or --sigma-max."
+        return f"the last good checkpoint {out} (step {last_saved}) is kept"
+    return "no checkpoint was written"
 
 
-def _diverged(step: int, last_saved: int | None, out: Path) -> str:
-    return f"loss became NaN/inf at step {step}; " + _kept(last_saved, out)
+def _diverged(what: str, step: int, last_saved: int | None, out: Path) -> str:
+    return f"{what} became NaN/inf at step {step}; {_kept(last_saved, out)}. Lower --lr or --sigma-max."
 
 
-def _save(out, model, optimizer_state, train_config, metrics, step, task, history, log_path) -> None:
-    checkpoint.save(out, model, train_config=train_config, metrics=metrics, step=step, tokenizer=task.tokenizer_dict())
-    checkpoint.save_optimizer(out, optimizer_state, {"step": step, "history": json.dumps(history)})
-    with log_path.open("a") as f:
-        f.write(json.dumps(metrics, allow_nan=False) + "\n")
+def _save(
+    files: RunFiles,
+    model: nn.Module,
+    optimizer_state: dict,
+    train_config: dict,
+    step: int,
+    task: _LMTask | _ImageTask,
+    history: list[dict[str, Any]],
+) -> None:
+    """Weights and optimizer state as one committed pair, then the log of every evaluation so far."""
+    pair = files.next_pair(step)
+    metrics = history[-1]
+    checkpoint.save(pair.weights, model, train_config=train_config, metrics=metrics, step=step,
+                    tokenizer=task.tokenizer_dict())  # fmt: skip
+    checkpoint.save_optimizer(pair.weights, optimizer_state, {"step": step, "history": json.dumps(history)})
+    files.commit(pair)
+    # Rewritten whole from the history, so it always matches the committed pair.
+    rows = "".join(json.dumps(row, allow_nan=False) + "\n" for row in history)
+    atomic_write(files.log, lambda tmp: tmp.write_text(rows))
 
 
 def _restore(
-    out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset, world: World
+    files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset, world: World
 ) -> tuple[int, list]:
-    """Continue from ``out``: rank 0 alone reads the files (DDP's constructor then copies its weights to the others)."""
-    state = distributed.on_main(lambda: _read_checkpoint(out, model, preset), world)
+    """Continue from the run at ``files``: rank 0 alone reads it (DDP's constructor then copies its weights)."""
+    state = distributed.on_main(lambda: _read_run(files, model, optimizer, preset), world)
     optimizer.load_state_dict(state["optimizer"])
     return state["step"], state["history"]
 
 
-def _read_checkpoint(out: Path, model: nn.Module, preset: Preset) -> dict[str, Any]:
-    """Load the weights of ``out`` into ``model``; return its optimizer state, step and history."""
-    ckpt = checkpoint.load(out)
+def _read_run(files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset) -> dict[str, Any]:
+    """Load the run's last committed weights into ``model``; return its optimizer state, step and history.
+
+    Everything is checked before anything is loaded, so a run that cannot continue fails with one line.
+    """
+    out = files.out
+    pair = files.committed()
+    if pair is None:  # written by a lipcli before run records: OUT and OUT.optim.pt are the pair
+        pair = Pair(out, checkpoint.load(out).step)
+    elif not files.out_is_from_run(pair):
+        raise CheckpointError(
+            f"--resume: {out} was changed after training (the run's last save is step {pair.step} in "
+            f"{files.record}); train a new --out, or delete {files.record} to resume from {out} itself"
+        )
+    ckpt = checkpoint.load(pair.weights)
     if ckpt.arch != preset.arch:
-        raise TrainingError(f"--resume: {out} holds a {ckpt.arch} model, the preset trains {preset.arch}")
-    model.load_state_dict(ckpt.model.state_dict())
-    state = checkpoint.load_optimizer(out)
-    # Two atomic writes: a kill between them leaves the weights one evaluation ahead of the optimizer state.
-    if int(state["extra"]["step"]) != ckpt.step:
-        raise TrainingError(
-            f"--resume: {out} is at step {ckpt.step} but its optimizer state at step {state['extra']['step']} "
+        raise CheckpointError(f"--resume: {out} holds a {ckpt.arch} model, the preset trains {preset.arch}")
+    _check_same_model(out, ckpt.model_config, config_dict(model))
+    bad = _first_non_finite(ckpt.model.state_dict())
+    if bad is not None:
+        raise CheckpointError(f"--resume: {out} holds NaN/inf weights ({bad}); it cannot continue: train a new run")
+    state = checkpoint.load_optimizer(pair.weights)
+    saved_step = state["extra"].get("step") if isinstance(state["extra"], dict) else None
+    if ckpt.step != pair.step:
+        raise CheckpointError(f"--resume: {files.manifest} names step {pair.step}, its weights are at step {ckpt.step}")
+    # Legacy runs wrote the two files one after the other: a kill between them left them at different steps.
+    if saved_step != ckpt.step:
+        raise CheckpointError(
+            f"--resume: {out} is at step {ckpt.step} but its optimizer state at step {saved_step} "
             "(the run was killed while saving): train again without --resume"
         )
-    return {"optimizer": state["optimizer"], "step": ckpt.step, "history": json.loads(state["extra"]["history"])}
+    _check_same_optimizer(out, ckpt.train_config.get("optimizer"), state["optimizer"], optimizer, preset.train)
+    try:
+        history = json.loads(state["extra"]["history"])
+    except (KeyError, TypeError, ValueError):
+        history = None
+    if not (isinstance(history, list) and all(isinstance(row, dict) and "wall_s" in row for row in history)):
+        raise CheckpointError(f"{pair.optimizer}: no readable history in the optimizer state")
+    model.load_state_dict(ckpt.model.state_dict())
+    if pair.weights != out:
+        files.publish(pair)  # a kill between the commit and the publish left OUT one save behind
+    return {"optimizer": state["optimizer"], "step": ckpt.step, "history": history}
+
+
+def _check_same_model(out: Path, saved: dict, wanted: dict) -> None:
+    changed = [
+        f"{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(saved | wanted) if saved.get(k) != wanted.get(k)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"--resume: {out} was trained with other model settings ({', '.join(changed)}); "
+            "resume with the run's settings or train a new --out"
+        )
+
+
+def _check_same_optimizer(
+    out: Path, trained_with: Any, saved: Any, optimizer: torch.optim.Optimizer, t: TrainConfig
+) -> None:
+    """The saved state must be this optimizer's, for these parameters, with the same constraint settings."""
+    if trained_with != t.optimizer:
+        raise CheckpointError(
+            f"--resume: {out} was trained with --optimizer {trained_with}, this run asks {t.optimizer}; "
+            f"resume with --optimizer {trained_with} or train a new --out"
+        )
+    unfit = CheckpointError(f"--resume: {checkpoint.optimizer_path(out)} does not fit this model's optimizer")
+    groups, state = (saved.get("param_groups"), saved.get("state")) if isinstance(saved, dict) else (None, None)
+    if not (isinstance(groups, list) and isinstance(state, dict) and len(groups) == len(optimizer.param_groups)):
+        raise unfit
+    params: list[Tensor] = []
+    for fresh, old in zip(optimizer.param_groups, groups, strict=True):
+        if not (isinstance(old, dict) and isinstance(old.get("params"), list)) or len(old["params"]) != len(
+            fresh["params"]
+        ):
+            raise unfit
+        # lr is set afresh every step from this run's settings; everything else would silently stay the run's.
+        for key in sorted(fresh.keys() & old.keys() - {"params", "lr", "initial_lr"}):
+            if type(old[key]) is not type(fresh[key]) or old[key] != fresh[key]:
+                raise CheckpointError(
+                    f"--resume: {out} was trained with {key} {old[key]!r} for group {fresh.get('name', '?')}, "
+                    f"this run asks {fresh[key]!r}; resume with the run's settings or train a new --out"
+                )
+        params += fresh["params"]
+    for index, entry in state.items():
+        if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(entry, dict)):
+            raise unfit
+        tensors = {k: v for k, v in entry.items() if isinstance(v, Tensor)}
+        if any(v.dim() > 0 and v.shape != params[index].shape for v in tensors.values()):
+            raise unfit
+        if _first_non_finite(tensors) is not None:
+            raise CheckpointError(f"--resume: {checkpoint.optimizer_path(out)} holds NaN/inf optimizer state")

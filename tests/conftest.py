@@ -1,4 +1,6 @@
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,15 @@ def _data_dir(monkeypatch, tmp_path):
     if "LIPCLI_DATA_DIR" not in os.environ:
         monkeypatch.setenv("LIPCLI_DATA_DIR", str(SHARED_DATA))
     monkeypatch.setenv("LIPCLI_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@contextmanager
+def module_data_dir(folder: Path) -> Iterator[None]:
+    """The data settings of _data_dir for a module-scoped fixture, which runs before any function's fixtures."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LIPCLI_DATA_DIR", os.environ.get("LIPCLI_DATA_DIR", str(SHARED_DATA)))
+        env.setenv("LIPCLI_CACHE_DIR", str(folder / "cache"))
+        yield
 
 
 @pytest.fixture(autouse=True)

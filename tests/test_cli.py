@@ -32,7 +32,7 @@ def test_train_table_output(tmp_path):
 def test_bad_input_is_one_line_and_exit_2(tmp_path):
     for args, words in [
         (["train", "--preset", "nope"], "unknown preset"),
-        (["train", *TINY, "--sigma-max", "-1"], "sigma-max must be > 0"),
+        (["train", *TINY, "--sigma-max", "-1"], "train.sigma_max must be a finite number > 0"),
         (["train", *TINY, "--optimizer", "adamw", "--method", "softcap"], "only Muon"),
         (["train", *TINY, "--set", "model.final_scale=abc"], "cannot parse"),
     ]:

@@ -107,7 +107,7 @@ def _worker(rank: int, store: str, root: str) -> None:
         captured |= {"full": recorder.weights(), "worst": recorder.worst}
         recorder.worst, real_loss = [], training.loss_and_correct
         _interrupt_at(CUT_AT)
-        with pytest.raises(training.TrainingError, match="interrupted"):
+        with pytest.raises(training.TrainingInterrupted, match="interrupted"):
             training.train(_preset(), out / "cut.safetensors")
         training.loss_and_correct = real_loss
         training.train(_preset(), out / "cut.safetensors", resume=True)
@@ -151,9 +151,17 @@ def test_two_ranks_train_like_one_process_with_the_same_global_batch(two_ranks, 
 
 def test_only_rank_0_writes_and_its_checkpoint_resumes_exactly(two_ranks):
     root, (first, second) = two_ranks
+    runs = ("full", "cut")
     assert sorted(p.name for p in (root / "rank0").iterdir()) == sorted(
-        f"{run}.safetensors{suffix}" for run in ("full", "cut") for suffix in ("", ".log.jsonl", ".optim.pt")
+        [f"{run}.safetensors{suffix}" for run in runs for suffix in ("", ".log.jsonl", ".optim.pt")]
+        + [f".{run}.safetensors.run" for run in runs]
     )
+    # Each run's record: its lock, manifest and the last committed pair (saves at steps 5 and 10: the second).
+    for run in runs:
+        record = root / "rank0" / f".{run}.safetensors.run"
+        names = ["lock", "manifest.json", "pair2.safetensors", "pair2.safetensors.optim.pt"]
+        assert sorted(p.name for p in record.iterdir()) == names
+        assert (root / "rank0" / f"{run}.safetensors").samefile(record / "pair2.safetensors")
     assert not (root / "rank1").exists()
     # Momentum lives on its owner only, yet the checkpoint holds every parameter's: gathered at save time.
     n_params = len(first["full"])
