@@ -32,7 +32,7 @@ from torch import nn
 
 from .errors import UserError
 from .files import atomic_write, one_line, strict_json
-from .models import ARCHITECTURES, LAYER_LISTS, build_model, config_dict, config_from_dict
+from .models import ARCHITECTURES, LAYER_LISTS, GPTConfig, MLPConfig, build_model, config_dict, config_from_dict
 from .spectral import rms_norm_exact
 
 FORMAT_VERSION = 1
@@ -275,7 +275,29 @@ def _check_train_config(path: Path, train_config: dict) -> None:
         raise CheckpointError(f"{path}: train_config field 'val_fraction' must lie in (0, 1) (got {fraction!r})")
 
 
-def _check_finite(path: Path, model: nn.Module) -> None:
+def checked_config(
+    path: Path, arch: str, model_config: dict, layout: dict[str, tuple[list[int], str]]
+) -> GPTConfig | MLPConfig:
+    """The validated config, once its layers and every tensor shape match ``layout`` (name -> (shape, dtype)).
+
+    Shapes are compared on the meta device, which allocates nothing: a file declaring more than it stores
+    fails here, before a model is built.
+    """
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{path}: model_config must be a JSON object of model fields")
+    try:
+        config = config_from_dict(arch, model_config)
+    except UserError as exc:
+        raise CheckpointError(f"{path}: bad model_config: {one_line(exc)}") from None
+    _check_layer_count(path, arch, model_config, layout)
+    with torch.device("meta"):
+        mismatch = _first_mismatch(path, layout, build_model(arch, config, init=False).state_dict())
+    if mismatch:
+        raise CheckpointError(mismatch)
+    return config
+
+
+def check_finite(path: Path, model: nn.Module) -> None:
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(
@@ -307,17 +329,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid step or spectral_norms metadata: {one_line(exc)}") from exc
     _check_dtypes(path, layout)
-    try:
-        config = config_from_dict(arch, model_config)
-    except UserError as exc:
-        raise CheckpointError(f"{path}: bad model_config: {one_line(exc)}") from None
-    _check_layer_count(path, arch, model_config, layout)
-    # Shapes are compared on the meta device, which allocates nothing, so a huge declared width costs nothing.
-    with torch.device("meta"):
-        mismatch = _first_mismatch(path, layout, build_model(arch, config, init=False).state_dict())
-    if mismatch:
-        raise CheckpointError(mismatch)
-    model = build_model(arch, config, init=False)
+    model = build_model(arch, checked_config(path, arch, model_config, layout), init=False)
     float_codes = {code for _, code in layout.values() if code in FLOAT_CODES}
     if len(float_codes) == 1 and (code := float_codes.pop()) in MODEL_DTYPES:
         model.to(MODEL_DTYPES[code])
@@ -325,7 +337,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         model.load_state_dict(safetensors.torch.load_file(path), strict=True)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: could not load the weights: {one_line(exc)}") from exc
-    _check_finite(path, model)
+    check_finite(path, model)
     return Checkpoint(
         model=model.to(device).eval(),
         arch=arch,

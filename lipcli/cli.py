@@ -1,13 +1,16 @@
 """The `lipcli` command line: parse options, call the library, render rich tables or one JSON object.
 
 Exit codes: 0 success; 1 the job ran but failed (diverged, interrupted, a --fail-above gate);
-2 bad input (unknown preset, unreadable file, invalid option values).
+2 bad input (unknown preset, unreadable file, invalid option values): a lipcli.errors.UserError, printed as one
+line. Any other exception is a bug in lipcli or a library: it exits 1 with its traceback, to be reported.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,13 +19,42 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from .checkpoint import CheckpointError
-from .data import DataError
-from .files import strict_json
-from .presets import DEFAULT_PRESET, PresetError, apply_overrides, available, load_preset, parse_set_options
+from .errors import UserError
+from .files import check_writable, strict_json
+from .presets import DEFAULT_PRESET, apply_overrides, available, load_preset, parse_set_options
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """click shows a usage error as usage, a hint and a boxed message; lipcli's rule is one line on stderr, exit 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> typer.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with _one_line_usage_errors():  # the subcommand parses its options in here
+            return super().invoke(ctx)
+
+
+# typer vendors click: its BadParameter derives from the UsageError that every parsing error is.
+_UsageError: type[Exception] = typer.BadParameter.__base__
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except _UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lipcli`: the help is the answer
+            raise
+        where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        raise _fail(exc.format_message() + where, exc.exit_code) from None
+
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="Train transformers with enforced Lipschitz bounds, then certify, attack and profile them.",
     no_args_is_help=True,
     add_completion=False,
@@ -30,7 +62,8 @@ app = typer.Typer(
 )
 stdout = Console()
 stderr = Console(stderr=True)
-USER_ERRORS = (DataError, PresetError, CheckpointError, ValueError, FileNotFoundError)
+# Bad input the user can fix: one line, exit 2. Anything else is a bug and shows its traceback (exit 1).
+USER_ERRORS = (UserError,)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -191,12 +224,12 @@ def _check_launch(nproc: int, device: str) -> None:
     from .training import resolve_device
 
     if nproc < 1:
-        raise ValueError(f"--nproc must be >= 1 (got {nproc})")
+        raise UserError(f"--nproc must be >= 1 (got {nproc})")
     if current_world().size > 1:
-        raise ValueError("--nproc starts torchrun itself; drop it when launching with torchrun")
+        raise UserError("--nproc starts torchrun itself; drop it when launching with torchrun")
     gpus = torch.cuda.device_count()
     if resolve_device(device).type == "cuda" and nproc > gpus:
-        raise ValueError(f"--nproc {nproc} needs {nproc} GPUs (one per process); torch sees {gpus}")
+        raise UserError(f"--nproc {nproc} needs {nproc} GPUs (one per process); torch sees {gpus}")
 
 
 def _forwarded_args(ctx: typer.Context, drop: str) -> list[str]:
@@ -387,6 +420,8 @@ def activations(
     from .checkpoint import load
 
     try:
+        if plot_path is not None:
+            check_writable(plot_path, "--plot")  # before the profiling, not after it
         profiles, checks = [], []
         for path in checkpoints:
             ckpt = load(path)
@@ -411,7 +446,7 @@ def activations(
             table.add_column(column, justify="right")
         for s in p.sites:
             ratios = [f"{s.headroom[f]:.3g}" + (" [bold red]OVER[/]" if f in s.exceeds else "") for f in formats]
-            table.add_row(s.site, f"{s.max_abs:.4g}", f"{s.rms:.4g}", f"{s.p999:.4g}", *ratios)
+            table.add_row(escape(s.site), f"{s.max_abs:.4g}", f"{s.rms:.4g}", f"{s.p999:.4g}", *ratios)
         stdout.print(table)
         peak = f"peak {p.max_abs:.4g} at {p.peak.site}; {p.batches} batches, {p.samples} samples of {p.source}"
         stdout.print(peak, markup=False, highlight=False)
@@ -429,11 +464,13 @@ def activations(
         for column in ("arch", "method", "max |x|", "peak site", "ratio"):
             table.add_column(column, justify="right" if column in ("max |x|", "ratio") else "left")
         for row in comparison.rows:
-            cells = (escape(row.checkpoint), row.arch, row.method or "-", f"{row.max_abs:.4g}", row.peak_site)
+            # The method comes from the checkpoint's metadata: any text, so escaped like the paths.
+            cells = (escape(row.checkpoint), row.arch, escape(row.method or "-"), f"{row.max_abs:.4g}",
+                     escape(row.peak_site))  # fmt: skip
             table.add_row(*cells, f"{row.ratio:.4g}x")
         stdout.print(table)
     if plot_path is not None:
-        stdout.print(f"plot: {plot_path}")
+        stdout.print(f"plot: {plot_path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("convert")
@@ -539,10 +576,12 @@ def attack_command(
     from .attack import SoundnessError, parse_eps, plot, robustness
 
     try:
+        if plot_path is not None:
+            check_writable(plot_path, "--plot")  # before the attack, not after it
         report = robustness(checkpoint_path, parse_eps(eps), norm=norm, attack=attack, steps=steps, alpha=alpha,
                             restarts=restarts, n=n, data=data, seed=seed, device=device)  # fmt: skip
         if plot_path is not None:
-            plot(report, plot_path)
+            _write_plot(lambda: plot(report, plot_path), plot_path)
     except SoundnessError as exc:
         raise _fail(str(exc), 1) from None
     except USER_ERRORS as exc:
@@ -568,6 +607,14 @@ def attack_command(
             stdout.print(line, markup=False, highlight=False)
 
 
+def _write_plot(write: Any, path: Path) -> None:
+    """matplotlib writes straight to ``path``: a folder that went away or turned read-only is the user's to fix."""
+    try:
+        write()
+    except OSError as exc:
+        raise UserError(f"--plot {path}: {exc.strerror or exc}") from None
+
+
 @app.command("presets")
 def presets_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the named presets."""
@@ -577,7 +624,7 @@ def presets_command(as_json: Annotated[bool, typer.Option("--json")] = False) ->
         return
     table = Table("preset", "arch", "description")
     for name, p in rows.items():
-        table.add_row(name + (" (default)" if name == DEFAULT_PRESET else ""), p.arch, p.description)
+        table.add_row(escape(name) + (" (default)" if name == DEFAULT_PRESET else ""), p.arch, escape(p.description))
     stdout.print(table)
 
 
@@ -665,7 +712,7 @@ def _optimizer_values(text: str, option: str) -> dict[str, float]:
         try:
             values[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"{option} expects OPTIMIZER=NUMBER pairs separated by commas, got {item!r}") from None
+            raise UserError(f"{option} expects OPTIMIZER=NUMBER pairs separated by commas, got {item!r}") from None
     return values
 
 
@@ -673,7 +720,7 @@ def _comma_floats(text: str, option: str) -> list[float]:
     try:
         return [float(item) for item in _comma_list(text)]
     except ValueError:
-        raise ValueError(f"{option} expects numbers separated by commas, got {text!r}") from None
+        raise UserError(f"{option} expects numbers separated by commas, got {text!r}") from None
 
 
 class _SweepProgress(_EventBar):

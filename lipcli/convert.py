@@ -36,8 +36,8 @@ from . import checkpoint
 from .constraints import CapContext, get_method, project
 from .data import DataError
 from .errors import UserError
-from .files import atomic_write, one_line
-from .models import build_model, config_dict, config_from_dict, max_weight_norm
+from .files import atomic_write, check_writable, one_line
+from .models import build_model, config_dict, max_weight_norm
 from .nn import Embedding, HeadLinear, Linear
 from .optim import cap_embedding_rows
 from .presets import Preset, PresetError, TrainConfig, load_preset
@@ -130,16 +130,31 @@ def dequantize_fp8(tensor: Tensor, scale: float) -> Tensor:
 def _dequantize_all(path: Path, tensors: dict[str, Tensor], scales: Any) -> dict[str, Tensor]:
     if not isinstance(scales, dict) or set(scales) != {n for n, t in tensors.items() if t.is_floating_point()}:
         raise ConvertError(f"{path}: fp8_scales metadata does not name exactly the file's float tensors")
+    bad = [
+        n for n, v in scales.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+    ]
+    if bad:
+        raise ConvertError(f"{path}: fp8_scales[{bad[0]!r}] must be a finite number > 0")
     return {name: dequantize_fp8(t, float(scales[name])) if name in scales else t for name, t in tensors.items()}
 
 
 def _json_field(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
+    """A JSON-object metadata field (``default`` when absent or null)."""
     if key not in metadata:
         return default
     try:
-        return json.loads(metadata[key])
+        value = json.loads(metadata[key])
     except json.JSONDecodeError:
         raise ConvertError(f"{path}: metadata field {key!r} is not valid JSON") from None
+    return _object_or_default(path, key, value, default)
+
+
+def _object_or_default(path: Path, key: str, value: Any, default: Any) -> Any:
+    if value is None:
+        return default
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path}: metadata field {key!r} must be a JSON object")
+    return value
 
 
 def _carried(metadata: dict[str, str]) -> dict[str, Any]:
@@ -238,11 +253,11 @@ def _read_pt(path: Path) -> _Source:
         state,
         arch,
         model_config,
-        meta.get("train_config") or {},
-        meta.get("metrics") or {},
+        _object_or_default(path, "train_config", meta.get("train_config"), {}),
+        _object_or_default(path, "metrics", meta.get("metrics"), {}),
         meta.get("step", 0),
-        meta.get("tokenizer"),
-        meta.get("extra") or {},
+        _object_or_default(path, "tokenizer", meta.get("tokenizer"), None),
+        _object_or_default(path, "extra", meta.get("extra"), {}),
         dtype,
     )
 
@@ -446,15 +461,10 @@ def _settle_config(source: _Source, src: Path, config: str | None, preset: str |
 
 def _build(arch: str, model_config: dict, state: dict[str, Tensor], src: Path) -> nn.Module:
     """The fp32 model with ``state`` loaded, after checking every name and shape against the config."""
-    try:
-        model = build_model(arch, config_from_dict(arch, model_config))
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise ConvertError(f"{src}: bad model config: {one_line(exc)}") from exc
     layout = {name: (list(t.shape), str(t.dtype)) for name, t in state.items()}
-    mismatch = checkpoint._first_mismatch(src, layout, model.state_dict())
-    if mismatch:
-        raise ConvertError(mismatch)
+    model = build_model(arch, checkpoint.checked_config(src, arch, model_config, layout), init=False)
     model.load_state_dict({name: t.float() for name, t in state.items()}, strict=True)
+    checkpoint.check_finite(src, model)
     return model.eval()
 
 
@@ -555,6 +565,17 @@ def _validate_options(dtype: str | None, method: str | None, sigma_max: float | 
         raise ConvertError(f"--eval-batches must be >= 0 (got {eval_batches})")
 
 
+def _check_paths(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        raise ConvertError(f"{src}: is a directory, not a weights file")
+    if not src.is_file():
+        raise ConvertError(f"{src}: no such file")
+    # samefile sees through symlinks, hard links and different spellings of one path.
+    if dst.exists() and os.path.samefile(src, dst):
+        raise ConvertError(f"{dst}: is the source file {src}; convert never overwrites its input, write elsewhere")
+    check_writable(dst, "DST")
+
+
 def convert(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -582,8 +603,7 @@ def convert(
     src_format, dst_format = format_of(src, "SRC"), to or format_of(dst, "DST")
     if dst_format not in WRITABLE:
         raise ConvertError(f"{dst}: cannot write {dst_format}; write .safetensors or .pt")
-    if not src.is_file():
-        raise ConvertError(f"{src}: no such file")
+    _check_paths(src, dst)
     readers = {"safetensors": _read_safetensors, "pt": _read_pt}
     source = _read_npz(src, allow_pickle, npz_checkpoint) if src_format == "npz" else readers[src_format](src)
     try:

@@ -19,6 +19,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from .errors import UserError
+
 T = TypeVar("T")
 
 
@@ -86,7 +88,7 @@ def joined(device: torch.device) -> Iterator[World]:
 def local_batch_size(batch_size: int, world: World) -> int:
     """Each rank's share of the global batch; the global batch must split evenly."""
     if batch_size % world.size:
-        raise ValueError(
+        raise UserError(
             f"--batch-size {batch_size} does not split evenly over {world.size} processes; "
             f"use a multiple of {world.size}"
         )

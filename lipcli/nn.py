@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import UserError
 from .spectral import rms_scale
 
 # RMS->RMS operator norm of each matrix in a [..., fan_out, fan_in] tensor (certify: exact, float64).
@@ -188,7 +189,7 @@ class PositionBias(nn.Module):
     def forward(self, t: int) -> Tensor:
         """The additive causal mask [n_heads, t, t]: bias[h, i - j] where j <= i, -inf after i."""
         if t > self.weight.shape[1]:
-            raise ValueError(f"sequence of {t} tokens is longer than the position bias's {self.weight.shape[1]}")
+            raise UserError(f"sequence of {t} tokens is longer than the position bias's {self.weight.shape[1]}")
         pos = torch.arange(t, device=self.weight.device)
         offset = pos[:, None] - pos[None, :]
         bias = self.weight[:, offset.clamp_min(0)]
@@ -209,7 +210,7 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+            raise UserError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.softmax_scale, self.out_scale = softmax_scale, out_scale
         self.q = HeadLinear(d_model, n_heads, self.head_dim, "attn_qk")
@@ -315,9 +316,9 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+            raise UserError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
         if activation == "groupsort" and (group_size < 2 or hidden % group_size):
-            raise ValueError(f"groupsort needs groups of >= 2 that divide the MLP width {hidden}, not {group_size}")
+            raise UserError(f"groupsort needs groups of >= 2 that divide the MLP width {hidden}, not {group_size}")
         self.fc_in = Linear(d_model, hidden, "mlp_in")
         self.fc_out = Linear(hidden, d_model, "mlp_out", zero_init=zero_init)
         self.bias_in = Bias(hidden, "mlp_bias") if bias else None

@@ -30,6 +30,7 @@ from .data import (
     val_batches,
 )
 from .distributed import SINGLE, World
+from .errors import UserError
 from .models import build_model, max_weight_norm
 from .optim import Muon, build_optimizer, check_method
 from .presets import Preset, TrainConfig
@@ -56,7 +57,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but torch sees no CUDA device")
+        raise UserError("--device cuda requested but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -65,18 +66,18 @@ def validate(preset: Preset, world_size: int = 1) -> None:
     t = preset.train
     check_method(t.optimizer, t.method, t.wd)
     if t.embed_inflation < 1:
-        raise ValueError(f"train.embed_inflation must be >= 1 (got {t.embed_inflation:g})")
+        raise UserError(f"train.embed_inflation must be >= 1 (got {t.embed_inflation:g})")
     if t.sigma_max <= 0 or any(v <= 0 for v in t.caps.values()):
-        raise ValueError(f"sigma-max must be > 0 (got {t.sigma_max}, caps {t.caps})")
+        raise UserError(f"sigma-max must be > 0 (got {t.sigma_max}, caps {t.caps})")
     for name, value in (("steps", t.steps), ("batch-size", t.batch_size), ("eval-every", t.eval_every)):
         if value <= 0:
-            raise ValueError(f"--{name} must be > 0 (got {value})")
+            raise UserError(f"--{name} must be > 0 (got {value})")
     if t.lr <= 0:
-        raise ValueError(f"--lr must be > 0 (got {t.lr})")
+        raise UserError(f"--lr must be > 0 (got {t.lr})")
     if t.schedule not in ("linear", "cosine", "constant"):
-        raise ValueError(f"unknown schedule {t.schedule!r}; choose linear, cosine or constant")
+        raise UserError(f"unknown schedule {t.schedule!r}; choose linear, cosine or constant")
     if t.dtype not in ("fp32", "bf16"):
-        raise ValueError(f"unknown dtype {t.dtype!r}; choose fp32 or bf16")
+        raise UserError(f"unknown dtype {t.dtype!r}; choose fp32 or bf16")
     distributed.local_batch_size(t.batch_size, World(size=world_size))
 
 
