@@ -420,6 +420,7 @@ def activations(
     from .checkpoint import load
 
     try:
+        _check_device(device)
         if plot_path is not None:
             check_writable(plot_path, "--plot")  # before the profiling, not after it
         profiles, checks = [], []
@@ -576,6 +577,7 @@ def attack_command(
     from .attack import SoundnessError, parse_eps, plot, robustness
 
     try:
+        _check_device(device)
         if plot_path is not None:
             check_writable(plot_path, "--plot")  # before the attack, not after it
         report = robustness(checkpoint_path, parse_eps(eps), norm=norm, attack=attack, steps=steps, alpha=alpha,
@@ -605,6 +607,17 @@ def attack_command(
     for line in [*lines, report.note or "", f"plot: {plot_path}" if plot_path is not None else ""]:
         if line:
             stdout.print(line, markup=False, highlight=False)
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device; use auto, cpu or cuda") from None
 
 
 def _write_plot(write: Any, path: Path) -> None:

@@ -559,8 +559,8 @@ def _validate_options(dtype: str | None, method: str | None, sigma_max: float | 
     if method is not None:
         if not get_method(method).enforces:
             raise ConvertError(f"--project {method} does not bound the norms; use svd, hardcap, normalize or softcap")
-        if sigma_max is None or not sigma_max > 0:
-            raise ConvertError(f"--project needs --sigma-max > 0 (got {sigma_max})")
+        if sigma_max is None or not 0 < sigma_max < math.inf:
+            raise ConvertError(f"--project needs a finite --sigma-max > 0 (got {sigma_max})")
     if eval_batches < 0:
         raise ConvertError(f"--eval-batches must be >= 0 (got {eval_batches})")
 
@@ -600,10 +600,12 @@ def convert(
     _validate_options(dtype, method, sigma_max, eval_batches)
     if to is not None and to not in WRITABLE:
         raise ConvertError(f"unknown --to {to!r}; choose safetensors or pt")
+    _check_paths(src, dst)
     src_format, dst_format = format_of(src, "SRC"), to or format_of(dst, "DST")
     if dst_format not in WRITABLE:
         raise ConvertError(f"{dst}: cannot write {dst_format}; write .safetensors or .pt")
-    _check_paths(src, dst)
+    if npz_checkpoint is not None and src_format != "npz":
+        raise ConvertError(f"--npz-checkpoint picks a weights_checkpoint_K of a reference .npz; {src} is {src_format}")
     readers = {"safetensors": _read_safetensors, "pt": _read_pt}
     source = _read_npz(src, allow_pickle, npz_checkpoint) if src_format == "npz" else readers[src_format](src)
     try:

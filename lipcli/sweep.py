@@ -216,6 +216,7 @@ def expand_grid(
     learning_rates = {**DEFAULT_LRS, base.train.optimizer: base.train.lr, **(lrs or {})}
     optimizers, methods, sigmas = (list(dict.fromkeys(v)) for v in (optimizers, methods, sigmas))
     _check_axes(optimizers, methods, sigmas)
+    _check_knobs(optimizers, decay_values, lrs or {})
     points: dict[str, Point] = {}
     skipped: list[Skipped] = []
     for optimizer in optimizers:
@@ -250,6 +251,18 @@ def _check_axes(optimizers: list[str], methods: list[str], sigmas: list[float]) 
     for sigma in sigmas:
         if not (math.isfinite(sigma) and sigma > 0):
             raise UserError(f"--sigma-max values must be finite and > 0 (got {sigma:g})")
+
+
+def _check_knobs(optimizers: list[str], decays: list[float], lrs: Mapping[str, float]) -> None:
+    """--decay and --lr values, which would otherwise train to NaN (or be ignored) instead of failing here."""
+    for decay in decays:
+        if not (math.isfinite(decay) and decay >= 0):
+            raise UserError(f"--decay values must be finite and >= 0 (got {decay:g})")
+    for optimizer, lr in lrs.items():
+        if optimizer not in optimizers:
+            raise UserError(f"--lr {optimizer}=...: {optimizer!r} is not in --optimizer ({', '.join(optimizers)})")
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"--lr {optimizer} must be finite and > 0 (got {lr:g})")
 
 
 def _notes(base: Preset, methods: list[str], sigmas: list[float]) -> list[str]:
@@ -511,7 +524,8 @@ def plot_frontier(rows: list[Row], path: str | Path) -> Path:
         ax.set_xlabel("log10 certified Lipschitz bound (tight)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    panels[0].legend(fontsize="small")
+    if panels[0].get_legend_handles_labels()[0]:  # no finished run: no lines, and an empty legend warns
+        panels[0].legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -27,6 +27,7 @@ from lipcli.checkpoint import (
     save_optimizer,
 )
 from lipcli.cli import app
+from lipcli.errors import UserError
 from lipcli.models import build_model, config_dict
 from lipcli.spectral import rms_norm_exact
 
@@ -194,10 +195,11 @@ def test_failed_save_keeps_previous_file(saved: Path, monkeypatch: pytest.Monkey
 
     def half_write(tensors: dict, filename: str | os.PathLike[str], metadata: dict) -> None:
         Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_write)
-    with pytest.raises(OSError, match="disk full"):
+    # A full disk is the user's to fix: one line naming the file, not a traceback.
+    with pytest.raises(UserError, match=f"cannot write {saved}: No space left on device"):
         save(saved, make_model("lipschitz-mlp"))
     assert saved.read_bytes() == before
     assert os.listdir(saved.parent) == [saved.name]  # no temp file left behind
