@@ -302,6 +302,11 @@ def reference_gpt_state_dict(weights: list[np.ndarray], args: dict) -> tuple[dic
         d, heads, blocks, vocab = (int(args[k]) for k in ("d_embed", "num_heads", "num_blocks", "vocab_size"))
     except KeyError as exc:
         raise ConvertError(f"reference args lack {exc.args[0]!r}; cannot rebuild the model") from None
+    if min(d, heads, blocks, vocab) < 1 or d % heads:
+        raise ConvertError(
+            f"reference args d_embed={d}, num_heads={heads}, num_blocks={blocks}, vocab_size={vocab} describe "
+            "no GPT: each must be >= 1 and num_heads must divide d_embed"
+        )
     if len(weights) != 2 + 6 * blocks:
         raise ConvertError(
             f"reference checkpoint holds {len(weights)} weights; a {blocks}-block GPT has {2 + 6 * blocks}"
@@ -340,6 +345,8 @@ def reference_mlp_state_dict(weights: list[np.ndarray], args: dict) -> tuple[dic
     """lipcli LipschitzMLP from Modula's ``MLP`` (compound.py): Linear layers in data order, ReLU between."""
     if len(weights) != int(args.get("num_blocks", len(weights))) or len(weights) < 2:
         raise ConvertError(f"reference MLP checkpoint holds {len(weights)} weights, args say {args.get('num_blocks')}")
+    if any(w.ndim != 2 for w in weights):
+        raise ConvertError("reference MLP weights must all be matrices")
     state = {f"layers.{i}.weight": torch.from_numpy(w).float() for i, w in enumerate(weights)}
     model_config = {
         "input_dim": weights[0].shape[1],
@@ -392,7 +399,12 @@ def _read_npz(path: Path, allow_pickle: bool, index: int | None) -> _Source:
     except (TypeError, ValueError) as exc:
         raise ConvertError(f"{path}: weights are not numeric arrays: {one_line(exc)}") from exc
     mlp = args.get("data") == "cifar"
-    model_config, state = (reference_mlp_state_dict if mlp else reference_gpt_state_dict)(weights, args)
+    try:
+        model_config, state = (reference_mlp_state_dict if mlp else reference_gpt_state_dict)(weights, args)
+    except ConvertError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:  # args of the wrong type, e.g. d_embed "abc"
+        raise ConvertError(f"{path}: reference args do not describe a model: {one_line(exc)}") from exc
     data, tokenizer = REFERENCE_DATA.get(str(args.get("data")), (None, "char"))
     train_config = {
         "data": data,

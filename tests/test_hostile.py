@@ -19,6 +19,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -504,3 +505,32 @@ def test_convert_refuses_a_hostile_fp8_scale(folder: Path) -> None:
         scales = json.loads(f.metadata()["fp8_scales"])
     hostile = rewrite(fp8, folder / "hostile.safetensors", fp8_scales=json.dumps({**scales, "head.weight": "x"}))
     assert_refused(["convert", hostile, folder / "back.safetensors"], folder, "fp8_scales['head.weight']")
+
+
+def _reference_npz(path: Path, **args: Any) -> Path:
+    """A reference .npz shaped like Arongil/lipschitz-transformers' (args and weights pickled as objects)."""
+    args = {"d_embed": 8, "num_heads": 2, "num_blocks": 1, "vocab_size": 11, "seq_len": 6, **args}
+    d, vocab = 8, 11
+    shapes = [(d, vocab), (d, d), (d, d), (d, d), (d, d), (4 * d, d), (d, 4 * d), (vocab, d)]
+    weights = {i: np.ones(shape, dtype=np.float32) * 0.1 for i, shape in enumerate(shapes)}
+    np.savez(path, args=np.array(args, dtype=object), weights_checkpoint_0=np.array(weights, dtype=object))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [({"d_embed": "abc"}, "reference args do not describe a model"), ({"num_heads": 0}, "describe no GPT"),
+     ({"num_heads": 3}, "describe no GPT"), ({"seq_len": "long"}, "reference args do not describe a model"),
+     ({"final_scale": "big"}, "reference args do not describe a model"),
+     ({"softmax_scale": 0.0}, "model.softmax_scale"), ({"num_blocks": 10**6}, "a 1000000-block GPT")],
+)  # fmt: skip
+def test_hostile_reference_npz(folder: Path, args: dict[str, Any], words: str) -> None:
+    npz = _reference_npz(folder / "ref.npz", **args)
+    assert_refused(["convert", npz, folder / "out.safetensors", "--allow-pickle"], folder, words)
+
+
+def test_well_formed_reference_npz_converts(folder: Path) -> None:
+    """The table above fails for its hostile values, not for the file's shape."""
+    npz = _reference_npz(folder / "ref.npz")
+    result = runner.invoke(app, ["convert", str(npz), str(folder / "out.safetensors"), "--allow-pickle"])
+    assert result.exit_code == 0, result.output
