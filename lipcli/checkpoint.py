@@ -158,6 +158,8 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int],
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():  # a FIFO or device would block or stream forever
+        raise CheckpointError(f"{path}: not a regular file")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}

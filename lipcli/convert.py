@@ -580,8 +580,10 @@ def _validate_options(dtype: str | None, method: str | None, sigma_max: float | 
 def _check_paths(src: Path, dst: Path) -> None:
     if src.is_dir():
         raise ConvertError(f"{src}: is a directory, not a weights file")
-    if not src.is_file():
+    if not src.exists():
         raise ConvertError(f"{src}: no such file")
+    if not src.is_file():  # a FIFO or device would block or stream forever
+        raise ConvertError(f"{src}: not a regular file")
     # samefile sees through symlinks, hard links and different spellings of one path.
     if dst.exists() and os.path.samefile(src, dst):
         raise ConvertError(f"{dst}: is the source file {src}; convert never overwrites its input, write elsewhere")

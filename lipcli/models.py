@@ -103,6 +103,10 @@ def validate_config(arch: str, config: GPTConfig | MLPConfig) -> None:
 
 def _check_type(name: str, kind: str, value: object) -> None:
     # Field types are strings under `from __future__ import annotations`; bool is an int, so it is ruled out.
+    if kind.endswith(" | None"):
+        if value is None:
+            return
+        kind = kind.removesuffix(" | None")
     is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if kind == "int" and not (is_number and isinstance(value, int)):
         raise UserError(f"model.{name} must be an integer (got {value!r})")
