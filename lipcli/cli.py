@@ -623,6 +623,7 @@ def _check_device(name: str) -> None:
 def _write_plot(write: Any, path: Path) -> None:
     """matplotlib writes straight to ``path``: a folder that went away or turned read-only is the user's to fix."""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as atomic_write does for every other output
         write()
     except OSError as exc:
         raise UserError(f"--plot {path}: {exc.strerror or exc}") from None

@@ -493,11 +493,11 @@ def test_brackets_in_paths_print_literally(folder: Path) -> None:
     result = runner.invoke(app, ["activations", str(good), *args], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     assert f"plot: {plot}" in result.stdout and str(good) in _unwrapped(result.stdout)
-    plot = folder / "[green]attack.png"
+    plot = folder / "new [dir]" / "[green]attack.png"  # a folder that does not exist yet, as for every output
     args = ["--eps", "0.1", "--device", "cpu", "--n", "2", "--steps", "1", "--plot", str(plot)]
     result = runner.invoke(app, ["attack", str(good), *args], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
-    assert f"plot: {plot}" in result.stdout and str(good) in _unwrapped(result.stdout)
+    assert f"plot: {plot}" in result.stdout and str(good) in _unwrapped(result.stdout) and plot.exists()
     assert_refused(["activations", folder / "[b]missing.safetensors"], folder, "[b]missing.safetensors")
 
 
