@@ -525,7 +525,7 @@ def _reference_npz(path: Path, **args: Any) -> Path:
     [({"d_embed": "abc"}, "reference args do not describe a model"), ({"num_heads": 0}, "describe no GPT"),
      ({"num_heads": 3}, "describe no GPT"), ({"seq_len": "long"}, "reference args do not describe a model"),
      ({"final_scale": "big"}, "reference args do not describe a model"),
-     ({"softmax_scale": 0.0}, "model.softmax_scale"), ({"num_blocks": 10**6}, "a 1000000-block GPT")],
+     ({"softmax_scale": -1.0}, "model.softmax_scale"), ({"num_blocks": 10**6}, "a 1000000-block GPT")],
 )  # fmt: skip
 def test_hostile_reference_npz(folder: Path, args: dict[str, Any], words: str) -> None:
     npz = _reference_npz(folder / "ref.npz", **args)
