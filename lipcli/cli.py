@@ -477,7 +477,9 @@ def activations(
 @app.command("convert")
 def convert(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="A .safetensors, .pt/.pth or reference .npz file.")],
-    dst: Annotated[Path, typer.Argument(metavar="DST", help="The .safetensors or .pt/.pth file to write.")],
+    dst: Annotated[
+        Path, typer.Argument(metavar="DST", help="The .safetensors or .pt/.pth file to write (never SRC itself).")
+    ],
     to: Annotated[str | None, typer.Option(help="safetensors or pt (default: from DST's extension).")] = None,
     dtype: Annotated[
         str | None, typer.Option(help="fp32, bf16, fp16 or fp8-e4m3 (with a per-tensor scale); default: the source's.")
