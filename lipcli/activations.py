@@ -33,6 +33,8 @@ from torch.utils.hooks import RemovableHandle
 from . import checkpoint
 from .checkpoint import Checkpoint
 from .data import load_image_splits, recorded_val_tokens, val_batches
+from .errors import UserError
+from .files import atomic_write
 from .models import BaselineGPT, LipschitzGPT, LipschitzMLP
 from .nn import MLP, HeadLinear, Linear
 from .training import evaluate, resolve_device
@@ -278,7 +280,7 @@ def _load(ckpt: str | Path | Checkpoint, device: str) -> Checkpoint:
 def _validation(ckpt: Checkpoint, data: str | None, batches: int, batch_size: int) -> tuple[list[Batch], str]:
     """The first ``batches`` validation batches of the data the checkpoint was trained on (or ``data``)."""
     if batches < 1 or batch_size < 1:
-        raise ValueError(f"--batches and --batch-size must be >= 1, got {batches} and {batch_size}")
+        raise UserError(f"--batches and --batch-size must be >= 1, got {batches} and {batch_size}")
     tc = ckpt.train_config
     if ckpt.arch == LipschitzMLP.arch:
         images = load_image_splits(data or tc.get("data"), seed=tc.get("seed", 0))
@@ -441,7 +443,7 @@ def plot(profiles: list[Profile], path: str | Path) -> Path:
         # The object-oriented Figure draws straight to a file: no pyplot state, no display backend.
         from matplotlib.figure import Figure
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'lipcli[plot]'") from None
+        raise UserError("--plot needs matplotlib: pip install 'lipcli[plot]'") from None
     names = _merged_sites(profiles)
     width = 0.8 / len(profiles)
     fig = Figure(figsize=(max(6.0, 0.35 * len(names) * len(profiles) + 2), 4.5))
@@ -457,6 +459,4 @@ def plot(profiles: list[Profile], path: str | Path) -> Path:
     ax.set_ylabel("max |entry|")
     ax.legend(fontsize="small")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, format="png")
-    return path
+    return atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png"))

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from . import checkpoint
 from .certification import certify
 from .data import DataError, load_image_splits, recorded_val_tokens, val_batches
+from .errors import UserError
 from .models import LipschitzGPT, LipschitzMLP
 from .training import resolve_device
 
@@ -106,10 +107,10 @@ def parse_eps(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",")]
     except ValueError:
-        raise ValueError(f"--eps must be a number or a comma list of numbers, got {text!r}") from None
+        raise UserError(f"--eps must be a number or a comma list of numbers, got {text!r}") from None
     bad = [v for v in values if not (math.isfinite(v) and v >= 0)]
     if bad:
-        raise ValueError(f"--eps must be finite and >= 0, got {bad[0]:g}")
+        raise UserError(f"--eps must be finite and >= 0, got {bad[0]:g}")
     return values
 
 
@@ -118,25 +119,25 @@ def check_options(
 ) -> None:
     """Reject bad settings before any checkpoint or data is read."""
     if attack not in ATTACKS:
-        raise ValueError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
+        raise UserError(f"unknown attack {attack!r}; choose one of: {', '.join(ATTACKS)}")
     if norm not in NORMS:
-        raise ValueError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
+        raise UserError(f"unknown norm {norm!r}; choose one of: {', '.join(NORMS)}")
     if attack == "fgsm" and norm == "l2":
-        raise ValueError("--attack fgsm is an Linf attack: use --norm linf, or pgd/apgd for l2")
+        raise UserError("--attack fgsm is an Linf attack: use --norm linf, or pgd/apgd for l2")
     if not eps or any(not (math.isfinite(e) and e >= 0) for e in eps):
-        raise ValueError(f"--eps must be one or more finite values >= 0, got {list(eps)}")
+        raise UserError(f"--eps must be one or more finite values >= 0, got {list(eps)}")
     for name, value in (("steps", steps), ("restarts", restarts), ("n", n)):
         if value is not None and value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
+            raise UserError(f"--{name} must be >= 1, got {value}")
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"--alpha must be > 0, got {alpha:g}")
+        raise UserError(f"--alpha must be > 0, got {alpha:g}")
 
 
 def _torchattacks() -> Any:
     try:
         import torchattacks  # imported lazily: its pinned dependencies clash with datasets', so it is optional
     except ImportError:
-        raise ValueError("lipcli attack needs torchattacks: pip install --no-deps torchattacks") from None
+        raise UserError("lipcli attack needs torchattacks: pip install --no-deps torchattacks") from None
     return torchattacks
 
 
@@ -368,7 +369,7 @@ def robustness(
     ckpt = checkpoint.load(path, device=dev)
     is_mlp = ckpt.arch == LipschitzMLP.arch
     if attack == "apgd" and not is_mlp:
-        raise ValueError(f"--attack apgd needs one label per input; {ckpt.arch} predicts a sequence: use pgd or fgsm")
+        raise UserError(f"--attack apgd needs one label per input; {ckpt.arch} predicts a sequence: use pgd or fgsm")
     # The attack's gradients are taken in float32 whatever the stored dtype; only inputs need gradients.
     model = ckpt.model.float().eval().requires_grad_(False)
     report_cert = certify(path)
@@ -415,7 +416,7 @@ def plot(report: AttackReport, path: str | Path) -> Path:
         # The object-oriented Figure draws straight to a file: no pyplot state, no display backend.
         from matplotlib.figure import Figure
     except ImportError:
-        raise ValueError("--plot needs matplotlib: pip install 'lipcli[plot]'") from None
+        raise UserError("--plot needs matplotlib: pip install 'lipcli[plot]'") from None
     fig = Figure(figsize=(6.0, 4.0))
     ax = fig.subplots()
     eps = [r.eps for r in report.rows]

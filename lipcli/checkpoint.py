@@ -31,13 +31,13 @@ from torch import nn
 
 from .errors import UserError
 from .files import atomic_write, one_line, strict_json
-from .models import ARCHITECTURES, build_model, config_dict, config_from_dict
+from .models import ARCHITECTURES, LAYER_LISTS, GPTConfig, MLPConfig, build_model, config_dict, config_from_dict
 from .spectral import rms_norm_exact
 
 FORMAT_VERSION = 1
 FORMAT = "lipcli"
 OPTIMIZER_SUFFIX = ".optim.pt"
-# Copied from train_config to the top level so `lipcli inspect` (or any safetensors viewer) shows them.
+# Copied from train_config to the top level so any safetensors viewer shows them without decoding JSON.
 QUICK_KEYS = ("method", "sigma_max", "optimizer")
 RESERVED_KEYS = frozenset(
     {
@@ -57,6 +57,16 @@ RESERVED_KEYS = frozenset(
 # Safetensors dtype codes a model may be cast to wholesale (a bf16 checkpoint loads as bf16).
 MODEL_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 FLOAT_CODES = {"F64", "F32", "BF16", "F16", "F8_E4M3", "F8_E5M2"}
+# What load() accepts: wider or mixed floats load as float32; fp8 files go through `lipcli convert`.
+LOADABLE_CODES = {"F64", "F32", "BF16", "F16"}
+# train_config fields other commands read back (activations, attack, convert), with the types they need.
+_TRAIN_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "data": (str, type(None)),
+    "val_data": (str, type(None)),
+    "tokenizer": (str, type(None)),
+    "seed": (int,),
+    "val_fraction": (int, float),
+}
 
 
 class CheckpointError(UserError):
@@ -145,6 +155,10 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int],
     """Metadata and name -> (shape, dtype code) from the header alone; no tensor data is read."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():  # a FIFO or device would block or stream forever
+        raise CheckpointError(f"{path}: not a regular file")
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -160,8 +174,16 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int],
 
 
 def _check_format(path: Path, metadata: dict[str, str]) -> None:
+    if metadata.get("format") == "lipcli-fp8":
+        raise CheckpointError(
+            f"{path}: an fp8 file from `lipcli convert`; convert it back first: lipcli convert {path} OUT.safetensors "
+            "--dtype fp32"
+        )
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a lipcli checkpoint (no lipcli metadata); convert it with `lipcli convert`")
+        raise CheckpointError(
+            f"{path}: not a lipcli checkpoint (no lipcli metadata); for bare weights run "
+            "`lipcli convert SRC DST.safetensors --preset NAME` (or --config JSON)"
+        )
     raw = metadata.get("format_version", "")
     try:
         format_version = int(raw)
@@ -222,6 +244,69 @@ def _first_mismatch(
     return f"{path}: tensors do not match model_config: {problems[0]}{more}"
 
 
+def _check_dtypes(path: Path, layout: dict[str, tuple[list[int], str]]) -> None:
+    for name, (_, code) in sorted(layout.items()):
+        if code not in LOADABLE_CODES:
+            raise CheckpointError(
+                f'{path}: tensor "{name}" is stored as {code}; a checkpoint holds F32, BF16, F16 or F64 tensors'
+                + (" (fp8 files load through `lipcli convert`)" if code in FLOAT_CODES else "")
+            )
+
+
+def _check_layer_count(path: Path, arch: str, model_config: dict, layout: dict[str, tuple[list[int], str]]) -> None:
+    """The declared n_layers against the layers the file stores, before anything is built (a 70 KB file
+    declaring a million layers would otherwise build them all)."""
+    prefix = LAYER_LISTS[arch] + "."
+    stored = {name[len(prefix) :].split(".")[0] for name in layout if name.startswith(prefix)}
+    declared = model_config.get("n_layers")
+    if isinstance(declared, int) and declared != len(stored):
+        raise CheckpointError(
+            f"{path}: model_config declares model.n_layers = {declared} but the file stores {len(stored)} "
+            f"({prefix}N tensors)"
+        )
+
+
+def _check_train_config(path: Path, train_config: dict) -> None:
+    for key, types in _TRAIN_FIELD_TYPES.items():
+        value = train_config.get(key)
+        if key in train_config and (not isinstance(value, types) or isinstance(value, bool)):
+            raise CheckpointError(f"{path}: train_config field {key!r} has the wrong type ({value!r})")
+    fraction = train_config.get("val_fraction", 0.5)
+    if not 0 < fraction < 1:
+        raise CheckpointError(f"{path}: train_config field 'val_fraction' must lie in (0, 1) (got {fraction!r})")
+
+
+def checked_config(
+    path: Path, arch: str, model_config: dict, layout: dict[str, tuple[list[int], str]]
+) -> GPTConfig | MLPConfig:
+    """The validated config, once its layers and every tensor shape match ``layout`` (name -> (shape, dtype)).
+
+    Shapes are compared on the meta device, which allocates nothing: a file declaring more than it stores
+    fails here, before a model is built.
+    """
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"{path}: model_config must be a JSON object of model fields")
+    try:
+        config = config_from_dict(arch, model_config)
+    except UserError as exc:
+        raise CheckpointError(f"{path}: bad model_config: {one_line(exc)}") from None
+    _check_layer_count(path, arch, model_config, layout)
+    with torch.device("meta"):
+        mismatch = _first_mismatch(path, layout, build_model(arch, config, init=False).state_dict())
+    if mismatch:
+        raise CheckpointError(mismatch)
+    return config
+
+
+def check_finite(path: Path, model: nn.Module) -> None:
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(
+                f'{path}: tensor "{name}" holds NaN or infinite values: the weights are broken '
+                "(a diverged run?); use an earlier checkpoint"
+            )
+
+
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild the model from a checkpoint's metadata and weights, in eval mode, on ``device``."""
     path = Path(path)
@@ -235,6 +320,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         raise CheckpointError(f"{path}: unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     model_config = _json_object(path, metadata, "model_config", _REQUIRED)
     train_config = _json_object(path, metadata, "train_config", {})
+    _check_train_config(path, train_config)
     metrics = _json_object(path, metadata, "metrics", {})
     tokenizer = _json_object(path, metadata, "tokenizer", None)
     norms = _json_object(path, metadata, "spectral_norms", {})
@@ -243,13 +329,8 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         spectral_norms = {name: math.nan if v is None else float(v) for name, v in norms.items()}
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid step or spectral_norms metadata: {one_line(exc)}") from exc
-    try:
-        model = build_model(arch, config_from_dict(arch, model_config), init=False)
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise CheckpointError(f"{path}: bad model_config: {one_line(exc)}") from exc
-    mismatch = _first_mismatch(path, layout, model.state_dict())
-    if mismatch:
-        raise CheckpointError(mismatch)
+    _check_dtypes(path, layout)
+    model = build_model(arch, checked_config(path, arch, model_config, layout), init=False)
     float_codes = {code for _, code in layout.values() if code in FLOAT_CODES}
     if len(float_codes) == 1 and (code := float_codes.pop()) in MODEL_DTYPES:
         model.to(MODEL_DTYPES[code])
@@ -257,6 +338,7 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         model.load_state_dict(safetensors.torch.load_file(path), strict=True)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: could not load the weights: {one_line(exc)}") from exc
+    check_finite(path, model)
     return Checkpoint(
         model=model.to(device).eval(),
         arch=arch,

@@ -1,14 +1,17 @@
 """The `lipcli` command line: parse options, call the library, render rich tables or one JSON object.
 
-Exit codes: 0 success; 1 the job ran but failed (diverged, a --fail-above gate);
-2 bad input (unknown preset, unreadable file, invalid option values); 130 interrupted (Ctrl-C, the
-shell's 128 + SIGINT; training keeps its last checkpoint).
+Exit codes: 0 success; 1 the job ran but failed (diverged, a --fail-above gate); 2 bad input (unknown
+preset, unreadable file, invalid option values): a lipcli.errors.UserError, printed as one line; 130
+interrupted (Ctrl-C, the shell's 128 + SIGINT; training keeps its last checkpoint). Any other exception
+is a bug in lipcli or a library: it exits 1 with its traceback, to be reported.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,14 +20,42 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup
 
-from .checkpoint import CheckpointError
-from .data import DataError
 from .errors import UserError
-from .files import strict_json
-from .presets import DEFAULT_PRESET, PresetError, apply_overrides, available, load_preset, parse_set_options
+from .files import check_writable, strict_json
+from .presets import DEFAULT_PRESET, apply_overrides, available, load_preset, parse_set_options
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """click shows a usage error as usage, a hint and a boxed message; lipcli's rule is one line on stderr, exit 2."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> typer.Context:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: typer.Context) -> Any:
+        with _one_line_usage_errors():  # the subcommand parses its options in here
+            return super().invoke(ctx)
+
+
+# typer vendors click: its BadParameter derives from the UsageError that every parsing error is.
+_UsageError: type[Exception] = typer.BadParameter.__base__
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except _UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `lipcli`: the help is the answer
+            raise
+        where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        raise _fail(exc.format_message() + where, exc.exit_code) from None
+
 
 app = typer.Typer(
+    cls=_OneLineUsageErrors,
     help="Train transformers with enforced Lipschitz bounds, then certify, attack and profile them.",
     no_args_is_help=True,
     add_completion=False,
@@ -32,7 +63,8 @@ app = typer.Typer(
 )
 stdout = Console()
 stderr = Console(stderr=True)
-USER_ERRORS = (DataError, PresetError, CheckpointError, ValueError, FileNotFoundError)
+# Bad input the user can fix: one line, exit 2. Anything else is a bug and shows its traceback (exit 1).
+USER_ERRORS = (UserError,)
 INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, as shells report it and as typer exits for every other command
 
 
@@ -404,6 +436,9 @@ def activations(
     from .checkpoint import load
 
     try:
+        _check_device(device)
+        if plot_path is not None:
+            check_writable(plot_path, "--plot")  # before the profiling, not after it
         profiles, checks = [], []
         for path in checkpoints:
             ckpt = load(path)
@@ -428,7 +463,7 @@ def activations(
             table.add_column(column, justify="right")
         for s in p.sites:
             ratios = [f"{s.headroom[f]:.3g}" + (" [bold red]OVER[/]" if f in s.exceeds else "") for f in formats]
-            table.add_row(s.site, f"{s.max_abs:.4g}", f"{s.rms:.4g}", f"{s.p999:.4g}", *ratios)
+            table.add_row(escape(s.site), f"{s.max_abs:.4g}", f"{s.rms:.4g}", f"{s.p999:.4g}", *ratios)
         stdout.print(table)
         peak = f"peak {p.max_abs:.4g} at {p.peak.site}; {p.batches} batches, {p.samples} samples of {p.source}"
         stdout.print(peak, markup=False, highlight=False)
@@ -446,17 +481,21 @@ def activations(
         for column in ("arch", "method", "max |x|", "peak site", "ratio"):
             table.add_column(column, justify="right" if column in ("max |x|", "ratio") else "left")
         for row in comparison.rows:
-            cells = (escape(row.checkpoint), row.arch, row.method or "-", f"{row.max_abs:.4g}", row.peak_site)
+            # The method comes from the checkpoint's metadata: any text, so escaped like the paths.
+            cells = (escape(row.checkpoint), row.arch, escape(row.method or "-"), f"{row.max_abs:.4g}",
+                     escape(row.peak_site))  # fmt: skip
             table.add_row(*cells, f"{row.ratio:.4g}x")
         stdout.print(table)
     if plot_path is not None:
-        stdout.print(f"plot: {plot_path}")
+        stdout.print(f"plot: {plot_path}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("convert")
 def convert(
     src: Annotated[Path, typer.Argument(metavar="SRC", help="A .safetensors, .pt/.pth or reference .npz file.")],
-    dst: Annotated[Path, typer.Argument(metavar="DST", help="The .safetensors or .pt/.pth file to write.")],
+    dst: Annotated[
+        Path, typer.Argument(metavar="DST", help="The .safetensors or .pt/.pth file to write (never SRC itself).")
+    ],
     to: Annotated[str | None, typer.Option(help="safetensors or pt (default: from DST's extension).")] = None,
     dtype: Annotated[
         str | None, typer.Option(help="fp32, bf16, fp16 or fp8-e4m3 (with a per-tensor scale); default: the source's.")
@@ -556,10 +595,13 @@ def attack_command(
     from .attack import SoundnessError, parse_eps, plot, robustness
 
     try:
+        _check_device(device)
+        if plot_path is not None:
+            check_writable(plot_path, "--plot")  # before the attack, not after it
         report = robustness(checkpoint_path, parse_eps(eps), norm=norm, attack=attack, steps=steps, alpha=alpha,
                             restarts=restarts, n=n, data=data, seed=seed, device=device)  # fmt: skip
         if plot_path is not None:
-            plot(report, plot_path)
+            _write_plot(lambda: plot(report, plot_path), plot_path)
     except SoundnessError as exc:
         raise _fail(str(exc), 1) from None
     except USER_ERRORS as exc:
@@ -585,6 +627,26 @@ def attack_command(
             stdout.print(line, markup=False, highlight=False)
 
 
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a torch device; use auto, cpu or cuda") from None
+
+
+def _write_plot(write: Any, path: Path) -> None:
+    """matplotlib writes straight to ``path``: a folder that went away or turned read-only is the user's to fix."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as atomic_write does for every other output
+        write()
+    except OSError as exc:
+        raise UserError(f"--plot {path}: {exc.strerror or exc}") from None
+
+
 @app.command("presets")
 def presets_command(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List the named presets."""
@@ -594,7 +656,7 @@ def presets_command(as_json: Annotated[bool, typer.Option("--json")] = False) ->
         return
     table = Table("preset", "arch", "description")
     for name, p in rows.items():
-        table.add_row(name + (" (default)" if name == DEFAULT_PRESET else ""), p.arch, p.description)
+        table.add_row(escape(name) + (" (default)" if name == DEFAULT_PRESET else ""), p.arch, escape(p.description))
     stdout.print(table)
 
 
@@ -682,7 +744,7 @@ def _optimizer_values(text: str, option: str) -> dict[str, float]:
         try:
             values[name.strip()] = float(value)
         except ValueError:
-            raise ValueError(f"{option} expects OPTIMIZER=NUMBER pairs separated by commas, got {item!r}") from None
+            raise UserError(f"{option} expects OPTIMIZER=NUMBER pairs separated by commas, got {item!r}") from None
     return values
 
 
@@ -690,7 +752,7 @@ def _comma_floats(text: str, option: str) -> list[float]:
     try:
         return [float(item) for item in _comma_list(text)]
     except ValueError:
-        raise ValueError(f"{option} expects numbers separated by commas, got {text!r}") from None
+        raise UserError(f"{option} expects numbers separated by commas, got {text!r}") from None
 
 
 class _SweepProgress(_EventBar):

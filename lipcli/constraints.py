@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .errors import UserError
 from .spectral import MUON_COEFFS, msign, power_iteration, rms_scale, spectral_norm_exact
 
 
@@ -95,7 +96,7 @@ def softcap_strength(norm_bound: float, sigma_max: float) -> float:
         return 0.0
     ratio = sigma_max / norm_bound
     if ratio < _SOFTCAP_MIN_RATIO * (1 - 1e-9):
-        raise ValueError(f"one soft-cap pass cannot shrink {norm_bound} to {sigma_max}")
+        raise UserError(f"one soft-cap pass cannot shrink {norm_bound} to {sigma_max}")
     lo, hi = 0.0, 1.0 / 3.0
     for _ in range(100):
         mid = (lo + hi) / 2
@@ -184,7 +185,7 @@ def get_method(name: str) -> Method:
     try:
         return METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown constraint method {name!r}; choose one of: {', '.join(METHODS)}") from None
+        raise UserError(f"unknown constraint method {name!r}; choose one of: {', '.join(METHODS)}") from None
 
 
 def project(weight: Tensor, method: str, ctx: CapContext) -> Tensor:

@@ -36,8 +36,8 @@ from . import checkpoint
 from .constraints import CapContext, get_method, project
 from .data import DataError
 from .errors import UserError
-from .files import atomic_write, one_line
-from .models import build_model, config_dict, config_from_dict, max_weight_norm
+from .files import atomic_write, check_writable, one_line
+from .models import build_model, config_dict, max_weight_norm
 from .nn import Embedding, HeadLinear, Linear
 from .optim import cap_embedding_rows
 from .presets import Preset, PresetError, TrainConfig, load_preset
@@ -130,16 +130,31 @@ def dequantize_fp8(tensor: Tensor, scale: float) -> Tensor:
 def _dequantize_all(path: Path, tensors: dict[str, Tensor], scales: Any) -> dict[str, Tensor]:
     if not isinstance(scales, dict) or set(scales) != {n for n, t in tensors.items() if t.is_floating_point()}:
         raise ConvertError(f"{path}: fp8_scales metadata does not name exactly the file's float tensors")
+    bad = [
+        n for n, v in scales.items() if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf
+    ]
+    if bad:
+        raise ConvertError(f"{path}: fp8_scales[{bad[0]!r}] must be a finite number > 0")
     return {name: dequantize_fp8(t, float(scales[name])) if name in scales else t for name, t in tensors.items()}
 
 
 def _json_field(path: Path, metadata: dict[str, str], key: str, default: Any) -> Any:
+    """A JSON-object metadata field (``default`` when absent or null)."""
     if key not in metadata:
         return default
     try:
-        return json.loads(metadata[key])
+        value = json.loads(metadata[key])
     except json.JSONDecodeError:
         raise ConvertError(f"{path}: metadata field {key!r} is not valid JSON") from None
+    return _object_or_default(path, key, value, default)
+
+
+def _object_or_default(path: Path, key: str, value: Any, default: Any) -> Any:
+    if value is None:
+        return default
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path}: metadata field {key!r} must be a JSON object")
+    return value
 
 
 def _carried(metadata: dict[str, str]) -> dict[str, Any]:
@@ -238,11 +253,11 @@ def _read_pt(path: Path) -> _Source:
         state,
         arch,
         model_config,
-        meta.get("train_config") or {},
-        meta.get("metrics") or {},
+        _object_or_default(path, "train_config", meta.get("train_config"), {}),
+        _object_or_default(path, "metrics", meta.get("metrics"), {}),
         meta.get("step", 0),
-        meta.get("tokenizer"),
-        meta.get("extra") or {},
+        _object_or_default(path, "tokenizer", meta.get("tokenizer"), None),
+        _object_or_default(path, "extra", meta.get("extra"), {}),
         dtype,
     )
 
@@ -287,6 +302,11 @@ def reference_gpt_state_dict(weights: list[np.ndarray], args: dict) -> tuple[dic
         d, heads, blocks, vocab = (int(args[k]) for k in ("d_embed", "num_heads", "num_blocks", "vocab_size"))
     except KeyError as exc:
         raise ConvertError(f"reference args lack {exc.args[0]!r}; cannot rebuild the model") from None
+    if min(d, heads, blocks, vocab) < 1 or d % heads:
+        raise ConvertError(
+            f"reference args d_embed={d}, num_heads={heads}, num_blocks={blocks}, vocab_size={vocab} describe "
+            "no GPT: each must be >= 1 and num_heads must divide d_embed"
+        )
     if len(weights) != 2 + 6 * blocks:
         raise ConvertError(
             f"reference checkpoint holds {len(weights)} weights; a {blocks}-block GPT has {2 + 6 * blocks}"
@@ -325,6 +345,8 @@ def reference_mlp_state_dict(weights: list[np.ndarray], args: dict) -> tuple[dic
     """lipcli LipschitzMLP from Modula's ``MLP`` (compound.py): Linear layers in data order, ReLU between."""
     if len(weights) != int(args.get("num_blocks", len(weights))) or len(weights) < 2:
         raise ConvertError(f"reference MLP checkpoint holds {len(weights)} weights, args say {args.get('num_blocks')}")
+    if any(w.ndim != 2 for w in weights):
+        raise ConvertError("reference MLP weights must all be matrices")
     state = {f"layers.{i}.weight": torch.from_numpy(w).float() for i, w in enumerate(weights)}
     model_config = {
         "input_dim": weights[0].shape[1],
@@ -377,7 +399,12 @@ def _read_npz(path: Path, allow_pickle: bool, index: int | None) -> _Source:
     except (TypeError, ValueError) as exc:
         raise ConvertError(f"{path}: weights are not numeric arrays: {one_line(exc)}") from exc
     mlp = args.get("data") == "cifar"
-    model_config, state = (reference_mlp_state_dict if mlp else reference_gpt_state_dict)(weights, args)
+    try:
+        model_config, state = (reference_mlp_state_dict if mlp else reference_gpt_state_dict)(weights, args)
+    except ConvertError:
+        raise
+    except (TypeError, ValueError, OverflowError) as exc:  # args of the wrong type, e.g. d_embed "abc"
+        raise ConvertError(f"{path}: reference args do not describe a model: {one_line(exc)}") from exc
     data, tokenizer = REFERENCE_DATA.get(str(args.get("data")), (None, "char"))
     train_config = {
         "data": data,
@@ -446,15 +473,10 @@ def _settle_config(source: _Source, src: Path, config: str | None, preset: str |
 
 def _build(arch: str, model_config: dict, state: dict[str, Tensor], src: Path) -> nn.Module:
     """The fp32 model with ``state`` loaded, after checking every name and shape against the config."""
-    try:
-        model = build_model(arch, config_from_dict(arch, model_config))
-    except (ValueError, TypeError, RuntimeError) as exc:
-        raise ConvertError(f"{src}: bad model config: {one_line(exc)}") from exc
     layout = {name: (list(t.shape), str(t.dtype)) for name, t in state.items()}
-    mismatch = checkpoint._first_mismatch(src, layout, model.state_dict())
-    if mismatch:
-        raise ConvertError(mismatch)
+    model = build_model(arch, checkpoint.checked_config(src, arch, model_config, layout), init=False)
     model.load_state_dict({name: t.float() for name, t in state.items()}, strict=True)
+    checkpoint.check_finite(src, model)
     return model.eval()
 
 
@@ -549,10 +571,23 @@ def _validate_options(dtype: str | None, method: str | None, sigma_max: float | 
     if method is not None:
         if not get_method(method).enforces:
             raise ConvertError(f"--project {method} does not bound the norms; use svd, hardcap, normalize or softcap")
-        if sigma_max is None or not sigma_max > 0:
-            raise ConvertError(f"--project needs --sigma-max > 0 (got {sigma_max})")
+        if sigma_max is None or not 0 < sigma_max < math.inf:
+            raise ConvertError(f"--project needs a finite --sigma-max > 0 (got {sigma_max})")
     if eval_batches < 0:
         raise ConvertError(f"--eval-batches must be >= 0 (got {eval_batches})")
+
+
+def _check_paths(src: Path, dst: Path) -> None:
+    if src.is_dir():
+        raise ConvertError(f"{src}: is a directory, not a weights file")
+    if not src.exists():
+        raise ConvertError(f"{src}: no such file")
+    if not src.is_file():  # a FIFO or device would block or stream forever
+        raise ConvertError(f"{src}: not a regular file")
+    # samefile sees through symlinks, hard links and different spellings of one path.
+    if dst.exists() and os.path.samefile(src, dst):
+        raise ConvertError(f"{dst}: is the source file {src}; convert never overwrites its input, write elsewhere")
+    check_writable(dst, "DST")
 
 
 def convert(
@@ -579,11 +614,12 @@ def convert(
     _validate_options(dtype, method, sigma_max, eval_batches)
     if to is not None and to not in WRITABLE:
         raise ConvertError(f"unknown --to {to!r}; choose safetensors or pt")
+    _check_paths(src, dst)
     src_format, dst_format = format_of(src, "SRC"), to or format_of(dst, "DST")
     if dst_format not in WRITABLE:
         raise ConvertError(f"{dst}: cannot write {dst_format}; write .safetensors or .pt")
-    if not src.is_file():
-        raise ConvertError(f"{src}: no such file")
+    if npz_checkpoint is not None and src_format != "npz":
+        raise ConvertError(f"--npz-checkpoint picks a weights_checkpoint_K of a reference .npz; {src} is {src_format}")
     readers = {"safetensors": _read_safetensors, "pt": _read_pt}
     source = _read_npz(src, allow_pickle, npz_checkpoint) if src_format == "npz" else readers[src_format](src)
     try:

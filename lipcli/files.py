@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 
 def one_line(exc: BaseException) -> str:
     """The first line of an exception's message (at most 200 characters), for one-line user errors."""
@@ -39,11 +41,35 @@ def _umask() -> int:
     return mask
 
 
+def check_writable(path: Path, what: str) -> None:
+    """Fail early, before any long job, when ``path`` is a directory or its folder cannot be written."""
+    if path.is_dir():
+        raise UserError(f"{what} {path}: is a directory; give a file name")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # atomic_write creates the missing folders below the nearest existing one
+    if not folder.is_dir():
+        raise UserError(f"{what} {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {path}: cannot write in {folder} (permission denied)")
+
+
+def _cannot_write(path: Path, exc: OSError) -> UserError:
+    # A full disk, a read-only folder or a directory in the way: the user's to fix, so one line, not a traceback.
+    return UserError(f"cannot write {path}: {exc.strerror or one_line(exc)}")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temp file in the same directory, then rename over ``path`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as f:
-        tmp = Path(f.name)
+    """Write through a temp file in the same directory, then rename over ``path`` (atomic on POSIX).
+
+    An OSError (permission, full disk, a directory at ``path``) becomes a UserError and leaves ``path`` as it was.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(delete=False, dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as f:
+            tmp = Path(f.name)
+    except OSError as exc:
+        raise _cannot_write(path, exc) from exc
     try:
         write(tmp)
         # NamedTemporaryFile creates 0600; give the file the permissions a plain open() would.
@@ -51,7 +77,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data must be on disk before the rename makes it the file
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _cannot_write(path, exc) from exc
         raise
     return path

@@ -7,13 +7,16 @@ from a checkpoint's metadata. Weights are initialized deterministically from ``c
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import UserError
 from .nn import (
+    ACTIVATIONS,
     ATTENTION_OUT_FACTOR,
     MLP,
     Attention,
@@ -65,6 +68,93 @@ class MLPConfig:
     seed: int = 0
 
 
+# Fixed scales beyond this multiply activations toward float32's range (and far past fp16's) and buy nothing:
+# the bound grows with them.
+MAX_SCALE = 1e6
+# Smallest |mlp_gain|: below, the float32 forward rounds the gain to 0, and GeLU(0 z) / 0 is NaN.
+MIN_SCALE = 1e-6
+_MIN_INT = {"vocab_size": 1, "d_model": 1, "n_layers": 1, "n_heads": 1, "context": 1, "mlp_ratio": 1, "group_size": 2,
+            "input_dim": 1, "hidden": 1, "num_classes": 1}  # fmt: skip
+_MLP_MIN_LAYERS = 2  # an input layer and a head
+_SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
+
+
+def validate_config(arch: str, config: GPTConfig | MLPConfig) -> None:
+    """Reject a field of the wrong type, a non-finite or out-of-range value, or a configuration whose
+    forward pass is not finite, with a message naming the field (``model.<name>``)."""
+    for f in fields(config):
+        _check_type(f.name, f.type, getattr(config, f.name))
+    for name, least in _MIN_INT.items():
+        value = getattr(config, name, None)
+        if value is not None and value < least:
+            raise UserError(f"model.{name} must be an integer >= {least} (got {value})")
+    if not _SEED_RANGE[0] <= config.seed < _SEED_RANGE[1]:
+        raise UserError(f"model.seed must lie in [-2**63, 2**64) (got {config.seed})")
+    if abs(config.final_scale) > MAX_SCALE:
+        raise UserError(f"model.final_scale must lie in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (got {config.final_scale:g})")
+    if isinstance(config, MLPConfig):
+        if config.n_layers < _MLP_MIN_LAYERS:
+            raise UserError(f"model.n_layers must be >= {_MLP_MIN_LAYERS} for {arch} (got {config.n_layers})")
+        return
+    if config.d_model % config.n_heads:
+        raise UserError(f"model.n_heads ({config.n_heads}) must divide model.d_model ({config.d_model})")
+    if arch == LipschitzGPT.arch:
+        _check_lipschitz_gpt(config)
+
+
+def _check_type(name: str, kind: str, value: object) -> None:
+    # Field types are strings under `from __future__ import annotations`; bool is an int, so it is ruled out.
+    if kind.endswith(" | None"):
+        if value is None:
+            return
+        kind = kind.removesuffix(" | None")
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int" and not (is_number and isinstance(value, int)):
+        raise UserError(f"model.{name} must be an integer (got {value!r})")
+    # An int past float's range (10**400) is as infinite as inf; the comparison never overflows.
+    if kind == "float" and not (is_number and abs(value) <= sys.float_info.max):
+        raise UserError(f"model.{name} must be a finite number (got {value!r})")
+    if kind == "bool" and not isinstance(value, bool):
+        raise UserError(f"model.{name} must be true or false (got {value!r})")
+    if kind == "str" and not isinstance(value, str):
+        raise UserError(f"model.{name} must be a string (got {value!r})")
+
+
+def _check_lipschitz_gpt(config: GPTConfig) -> None:
+    """The ranges LipschitzGPT's blocks and its certificate rely on (BaselineGPT ignores these fields)."""
+    head_dim = config.d_model // config.n_heads
+    if head_dim % 2:
+        raise UserError(
+            f"model.d_model / model.n_heads = {head_dim} must be even: rotary embeddings rotate pairs of dimensions"
+        )
+    most = 2 * config.n_layers
+    if not 0 < config.residual_scale < most:
+        raise UserError(
+            f"model.residual_scale must lie in (0, 2 n_layers = {most}) (got {config.residual_scale:g}): "
+            "a = residual_scale / (2 n_layers) mixes each block into its skip path, and at a >= 1 the skip is gone"
+        )
+    if config.activation not in ACTIVATIONS:
+        raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {config.activation!r})")
+    hidden = config.mlp_ratio * config.d_model
+    if config.activation == "groupsort" and hidden % config.group_size:
+        raise UserError(f"model.group_size ({config.group_size}) must divide the MLP width {hidden}")
+    if config.activation == "gelu" and not MIN_SCALE <= abs(config.mlp_gain) <= MAX_SCALE:
+        raise UserError(
+            f"model.mlp_gain must have magnitude in [{MIN_SCALE:g}, {MAX_SCALE:g}] (got {config.mlp_gain:g}): "
+            "GeLU(g z) / g is 0/0 when g rounds to 0"
+        )
+    if abs(config.attn_out_scale) > MAX_SCALE:
+        raise UserError(
+            f"model.attn_out_scale must lie in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (got {config.attn_out_scale:g})"
+        )
+    s = config.softmax_scale
+    if abs(s) > MAX_SCALE:
+        raise UserError(f"model.softmax_scale must lie in [-{MAX_SCALE:g}, {MAX_SCALE:g}] (got {s:g})")
+    heads = config.content_heads
+    if heads is not None and not 0 <= heads <= config.n_heads:
+        raise UserError(f"model.content_heads must lie in [0, model.n_heads = {config.n_heads}] (got {heads})")
+
+
 # lipcli's layers: each initializes its own weight and names its constraint group and kind.
 _OWN_WEIGHT = (Linear, HeadLinear, Embedding, PositionBias, Bias)
 
@@ -95,7 +185,7 @@ class Block(nn.Module):
         super().__init__()
         a = config.residual_scale / (2 * config.n_layers)
         if not 0 < a < 1:
-            raise ValueError(
+            raise UserError(
                 f"residual_scale / (2 n_layers) = {a:g} must lie in (0, 1): at 1 a block drops its skip path "
                 f"(with zero-init outputs nothing ever trains); lower model.residual_scale below {2 * config.n_layers}"
             )
@@ -216,7 +306,7 @@ class _BaselineAttention(nn.Module):
         super().__init__()
         d = config.d_model
         if d % config.n_heads:
-            raise ValueError(f"d_model {d} is not divisible by n_heads {config.n_heads}")
+            raise UserError(f"d_model {d} is not divisible by n_heads {config.n_heads}")
         self.n_heads, self.head_dim = config.n_heads, d // config.n_heads
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
         self.rotary = Rotary(self.head_dim)
@@ -296,22 +386,30 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {
 }
 
 
+# The ModuleList of each architecture whose length is model.n_layers, named by its state-dict prefix.
+LAYER_LISTS = {LipschitzGPT.arch: "blocks", BaselineGPT.arch: "blocks", LipschitzMLP.arch: "layers"}
+
+
 def config_from_dict(arch: str, values: dict) -> GPTConfig | MLPConfig:
-    """Build the config dataclass for ``arch``, rejecting unknown fields by name."""
+    """Build the config dataclass for ``arch``, rejecting unknown fields and invalid values by name."""
     if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+        raise UserError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
     config_cls = ARCHITECTURES[arch][1]
     known = {f.name for f in fields(config_cls)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown {arch} config field(s): {', '.join(unknown)}")
-    return config_cls(**values)
+        raise UserError(f"unknown {arch} config field(s): {', '.join(unknown)}")
+    config = config_cls(**values)
+    validate_config(arch, config)
+    return config
 
 
 def build_model(arch: str, config: GPTConfig | MLPConfig | dict, init: bool = True) -> nn.Module:
     """The model for ``arch``; ``init=False`` leaves the weights unset for a loader to fill (no init cost)."""
     if isinstance(config, dict):
         config = config_from_dict(arch, config)
+    else:
+        validate_config(arch, config)
     return ARCHITECTURES[arch][0](config, init=init)
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import UserError
 from .spectral import rms_scale
 
 # RMS->RMS operator norm of each matrix in a [..., fan_out, fan_in] tensor (certify: exact, float64).
@@ -188,7 +189,7 @@ class PositionBias(nn.Module):
     def forward(self, t: int) -> Tensor:
         """The additive causal mask [n_heads, t, t]: bias[h, i - j] where j <= i, -inf after i."""
         if t > self.weight.shape[1]:
-            raise ValueError(f"sequence of {t} tokens is longer than the position bias's {self.weight.shape[1]}")
+            raise UserError(f"sequence of {t} tokens is longer than the position bias's {self.weight.shape[1]}")
         pos = torch.arange(t, device=self.weight.device)
         offset = pos[:, None] - pos[None, :]
         bias = self.weight[:, offset.clamp_min(0)]
@@ -217,9 +218,9 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+            raise UserError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         if content_heads is not None and not 0 <= content_heads <= n_heads:
-            raise ValueError(f"content_heads must lie in [0, n_heads = {n_heads}], not {content_heads}")
+            raise UserError(f"content_heads must lie in [0, n_heads = {n_heads}], not {content_heads}")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.softmax_scale, self.out_scale = softmax_scale, out_scale
         self.content_heads = 0 if softmax_scale == 0 else (n_heads if content_heads is None else content_heads)
@@ -250,17 +251,19 @@ class Attention(nn.Module):
         return q @ k.mT * (self.softmax_scale / self.head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        v, m, t = self.v(x), self.content_heads, x.shape[-2]
-        bias = self._bias(t, x.device).to(v.dtype)
-        parts = []
+        m, t, parts = self.content_heads, x.shape[-2], []
         if m:
             assert self.q is not None and self.k is not None
-            q, k = self.rotary(self.q(x)), self.rotary(self.k(x))
-            scale = self.softmax_scale / self.head_dim
+            # The scale is folded into q: SDPA returns NaN for a scale <= 0, a legal (if odd) model.
+            q = self.rotary(self.q(x)) * (self.softmax_scale / self.head_dim)
+            k = self.rotary(self.k(x))
+        v = self.v(x)
+        bias = self._bias(t, x.device).to(v.dtype)
+        if m:
             if self.position_bias is None:
-                parts.append(F.scaled_dot_product_attention(q, k, v[:, :m], is_causal=True, scale=scale))
+                parts.append(F.scaled_dot_product_attention(q, k, v[:, :m], is_causal=True, scale=1.0))
             else:
-                parts.append(F.scaled_dot_product_attention(q, k, v[:, :m], attn_mask=bias[:m], scale=scale))
+                parts.append(F.scaled_dot_product_attention(q, k, v[:, :m], attn_mask=bias[:m], scale=1.0))
         if m < self.n_heads:
             parts.append(bias[m:].softmax(dim=-1) @ v[:, m:])
         y = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -337,9 +340,9 @@ class MLP(nn.Module):
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
+            raise UserError(f"unknown activation {activation!r}; known: {', '.join(ACTIVATIONS)}")
         if activation == "groupsort" and (group_size < 2 or hidden % group_size):
-            raise ValueError(f"groupsort needs groups of >= 2 that divide the MLP width {hidden}, not {group_size}")
+            raise UserError(f"groupsort needs groups of >= 2 that divide the MLP width {hidden}, not {group_size}")
         self.fc_in = Linear(d_model, hidden, "mlp_in")
         self.fc_out = Linear(hidden, d_model, "mlp_out", zero_init=zero_init)
         self.bias_in = Bias(hidden, "mlp_bias") if bias else None

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .constraints import CapContext, get_method, project
+from .errors import UserError
 from .spectral import MUON_COEFFS, max_gain, msign, rms_scale
 
 # Rounding inside msign (bf16 on CUDA) can push a singular value a little past the exact polynomial's max.
@@ -47,19 +48,19 @@ def check_method(optimizer: str, method: str, wd: float | None = None) -> None:
     """
     get_method(method)
     if method in DECAY_METHODS and wd is not None and wd <= 0:
-        raise ValueError(f"method {method} constrains only through --wd, which is {wd:g}: pass --wd (e.g. 0.1)")
+        raise UserError(f"method {method} constrains only through --wd, which is {wd:g}: pass --wd (e.g. 0.1)")
     if optimizer == "adamw" and method not in ADAMW_METHODS:
-        raise ValueError(
+        raise UserError(
             "softcap's guarantee needs a known bound on each step's spectral norm, which only Muon gives; "
             "use --optimizer muon, or hardcap/normalize/svd with adamw"
         )
     if optimizer in ("muon", "muon-adamw") and method not in MUON_METHODS:
-        raise ValueError(
+        raise UserError(
             "hammer only moves the top singular value, but Muon's full-rank steps raise all of them; "
             "use --optimizer adamw with hammer, or softcap/hardcap with muon"
         )
     if optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose {', '.join(OPTIMIZERS)}")
+        raise UserError(f"unknown optimizer {optimizer!r}; choose {', '.join(OPTIMIZERS)}")
 
 
 @dataclass(frozen=True)

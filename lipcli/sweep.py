@@ -27,6 +27,7 @@ from .activations import profile
 from .certification import certify
 from .constraints import METHODS, get_method, no_constraint
 from .data import DataError
+from .errors import UserError
 from .files import atomic_write, one_line, strict_json
 from .optim import check_method
 from .presets import Preset, apply_overrides, load_preset
@@ -163,7 +164,7 @@ def sweep(
     """
     emit = on_event or _ignore
     if jobs < 1:
-        raise ValueError(f"--jobs must be >= 1 (got {jobs})")
+        raise UserError(f"--jobs must be >= 1 (got {jobs})")
     _figure_class()  # a missing matplotlib should fail now, not after hours of training
     base = base_preset(preset_name, steps, overrides or {})
     grid = expand_grid(base, optimizers, methods, sigmas, decays, lrs)
@@ -171,6 +172,8 @@ def sweep(
     for point in points:
         validate(point.preset)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir}: is a file; the sweep needs a directory")
     _pin_settings(out_dir, base)
     saved = {p.name: row for p in points if (row := _saved_row(out_dir, p.name)) is not None}
     todo = [p for p in points if p.name not in saved]
@@ -191,7 +194,7 @@ def base_preset(preset_name: str, steps: int | None, overrides: Mapping[str, Any
     """The preset every grid point starts from; the grid's own keys cannot be overridden."""
     for key in overrides:
         if key.rpartition(".")[2] in GRID_KEYS:
-            raise ValueError(f"--set {key}: the sweep sets it; use --optimizer, --method or --sigma-max")
+            raise UserError(f"--set {key}: the sweep sets it; use --optimizer, --method or --sigma-max")
     budget = {} if steps is None else {"train.steps": steps}
     return apply_overrides(load_preset(preset_name), {**budget, **overrides})
 
@@ -212,6 +215,7 @@ def expand_grid(
     learning_rates = {**DEFAULT_LRS, base.train.optimizer: base.train.lr, **(lrs or {})}
     optimizers, methods, sigmas = (list(dict.fromkeys(v)) for v in (optimizers, methods, sigmas))
     _check_axes(optimizers, methods, sigmas)
+    _check_knobs(optimizers, decay_values, lrs or {})
     points: dict[str, Point] = {}
     skipped: list[Skipped] = []
     for optimizer in optimizers:
@@ -220,7 +224,7 @@ def expand_grid(
             try:
                 for wd in wds:
                     check_method(optimizer, method, wd)
-            except ValueError as exc:
+            except UserError as exc:
                 skipped.append(Skipped(optimizer, method, str(exc)))
                 continue
             for sigma in [None] if method in SIGMA_FREE_METHODS else sigmas:
@@ -229,7 +233,7 @@ def expand_grid(
                     point = Point(point.name, apply_overrides(point.preset, {"train.lr": learning_rates[optimizer]}))
                     points.setdefault(point.name, point)
     if not points:
-        raise ValueError(f"no (optimizer, method) pair of the grid can run: {skipped[0].reason}")
+        raise UserError(f"no (optimizer, method) pair of the grid can run: {skipped[0].reason}")
     used = {opt: learning_rates[opt] for opt in optimizers if opt in learning_rates}
     lr_note = "learning rates: " + ", ".join(f"{opt} {lr:g}" for opt, lr in used.items())
     return Grid(list(points.values()), skipped, [*_notes(base, methods, sigmas), lr_note])
@@ -238,14 +242,26 @@ def expand_grid(
 def _check_axes(optimizers: list[str], methods: list[str], sigmas: list[float]) -> None:
     for option, values in (("--optimizer", optimizers), ("--method", methods), ("--sigma-max", sigmas)):
         if not values:
-            raise ValueError(f"{option} needs at least one value")
+            raise UserError(f"{option} needs at least one value")
     for optimizer in optimizers:
         check_method(optimizer, "none")  # none pairs with every optimizer: this rejects only unknown names
     for method in methods:
         get_method(method)
     for sigma in sigmas:
         if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"--sigma-max values must be finite and > 0 (got {sigma:g})")
+            raise UserError(f"--sigma-max values must be finite and > 0 (got {sigma:g})")
+
+
+def _check_knobs(optimizers: list[str], decays: list[float], lrs: Mapping[str, float]) -> None:
+    """--decay and --lr values, which would otherwise train to NaN (or be ignored) instead of failing here."""
+    for decay in decays:
+        if not (math.isfinite(decay) and decay >= 0):
+            raise UserError(f"--decay values must be finite and >= 0 (got {decay:g})")
+    for optimizer, lr in lrs.items():
+        if optimizer not in optimizers:
+            raise UserError(f"--lr {optimizer}=...: {optimizer!r} is not in --optimizer ({', '.join(optimizers)})")
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"--lr {optimizer} must be finite and > 0 (got {lr:g})")
 
 
 def _notes(base: Preset, methods: list[str], sigmas: list[float]) -> list[str]:
@@ -273,7 +289,7 @@ def baseline_points(base: Preset, baseline: bool | str) -> list[Point]:
         return []
     names = base.baselines if baseline is True else (baseline,)
     if not names:
-        raise ValueError(f"preset {base.name} names no baselines: use --baseline-preset NAME or --no-baseline")
+        raise UserError(f"preset {base.name} names no baselines: use --baseline-preset NAME or --no-baseline")
     return [reference_point(base, name) for name in names]
 
 
@@ -309,11 +325,11 @@ def _pin_settings(out_dir: Path, base: Preset) -> None:
     if not path.exists():
         atomic_write(path, lambda tmp: tmp.write_text(strict_json(settings)))
         return
-    pinned, current = _flat(json.loads(path.read_text())), _flat(settings)
+    pinned, current = _flat(_read_json_object(path)), _flat(settings)
     changed = sorted(key for key in pinned.keys() | current.keys() if pinned.get(key) != current.get(key))
     if changed:
         diff = ", ".join(f"{key} {pinned.get(key)!r} -> {current.get(key)!r}" for key in changed[:3])
-        raise ValueError(f"{out_dir} holds a sweep with other settings ({diff}); use another --out")
+        raise UserError(f"{out_dir} holds a sweep with other settings ({diff}); use another --out")
 
 
 def _point_path(out_dir: Path, name: str) -> Path:
@@ -322,7 +338,23 @@ def _point_path(out_dir: Path, name: str) -> Path:
 
 def _saved_row(out_dir: Path, name: str) -> Row | None:
     path = _point_path(out_dir, name)
-    return Row.from_dict(json.loads(path.read_text())) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return Row.from_dict(_read_json_object(path))
+    except (KeyError, TypeError):
+        raise UserError(f"{path}: not a sweep result row; delete it to rerun the point") from None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object the sweep wrote earlier; anything else in its place is the user's to remove."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON or UTF-8
+        raise UserError(f"{path}: unreadable sweep file ({one_line(exc)}); delete it or use another --out") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not a JSON object; delete it or use another --out")
+    return value
 
 
 def run_point(point: Point, out_dir: Path, emit: EventHandler) -> Row:
@@ -478,7 +510,7 @@ def _figure_class() -> type:
         # The object-oriented Figure draws straight to a file: no pyplot state, no display backend.
         from matplotlib.figure import Figure
     except ImportError:
-        raise ValueError("sweep plots frontier.png with matplotlib: pip install 'lipcli[plot]'") from None
+        raise UserError("sweep plots frontier.png with matplotlib: pip install 'lipcli[plot]'") from None
     return Figure
 
 
@@ -498,7 +530,8 @@ def plot_frontier(rows: list[Row], path: str | Path) -> Path:
         ax.set_xlabel("log10 certified Lipschitz bound (tight)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    panels[0].legend(fontsize="small")
+    if panels[0].get_legend_handles_labels()[0]:  # no finished run: no lines, and an empty legend warns
+        panels[0].legend(fontsize="small")
     fig.tight_layout()
     path = Path(path)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

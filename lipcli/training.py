@@ -448,9 +448,7 @@ def _read_run(files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimize
     if ckpt.arch != preset.arch:
         raise CheckpointError(f"--resume: {out} holds a {ckpt.arch} model, the preset trains {preset.arch}")
     _check_same_model(out, ckpt.model_config, config_dict(model))
-    bad = _first_non_finite(ckpt.model.state_dict())
-    if bad is not None:
-        raise CheckpointError(f"--resume: {out} holds NaN/inf weights ({bad}); it cannot continue: train a new run")
+    # checkpoint.load has refused NaN/inf weights already, naming the tensor.
     state = checkpoint.load_optimizer(pair.weights)
     saved_step = state["extra"].get("step") if isinstance(state["extra"], dict) else None
     if ckpt.step != pair.step:

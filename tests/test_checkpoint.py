@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +26,8 @@ from lipcli.checkpoint import (
     save,
     save_optimizer,
 )
+from lipcli.cli import app
+from lipcli.errors import UserError
 from lipcli.models import build_model, config_dict
 from lipcli.spectral import rms_norm_exact
 
@@ -191,10 +195,11 @@ def test_failed_save_keeps_previous_file(saved: Path, monkeypatch: pytest.Monkey
 
     def half_write(tensors: dict, filename: str | os.PathLike[str], metadata: dict) -> None:
         Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", half_write)
-    with pytest.raises(OSError, match="disk full"):
+    # A full disk is the user's to fix: one line naming the file, not a traceback.
+    with pytest.raises(UserError, match=f"cannot write {saved}: No space left on device"):
         save(saved, make_model("lipschitz-mlp"))
     assert saved.read_bytes() == before
     assert os.listdir(saved.parent) == [saved.name]  # no temp file left behind
@@ -258,9 +263,21 @@ def test_bad_format_fields(saved: Path, fn: Reader, meta: dict[str, str | None],
         ({"model_config": "{oops"}, ["'model_config' is not valid JSON"]),
         ({"model_config": "[1, 2]"}, ["'model_config' is not a JSON object"]),
         ({"model_config": json.dumps({**GPT, "depth": 3})}, ["unknown lipschitz-gpt config field(s): depth"]),
-        ({"model_config": json.dumps({**GPT, "n_heads": 3})}, ["bad model_config", "not divisible"]),
+        ({"model_config": json.dumps({**GPT, "n_heads": 3})}, ["bad model_config", "model.n_heads (3) must divide"]),
         ({"metrics": "nan"}, ["'metrics' is not valid JSON"]),
         ({"step": "three"}, ["invalid step"]),
+        ({"model_config": json.dumps({**GPT, "n_heads": 0})}, ["model.n_heads must be an integer >= 1 (got 0)"]),
+        ({"model_config": json.dumps({**GPT, "n_layers": -1})}, ["model.n_layers must be an integer >= 1 (got -1)"]),
+        ({"model_config": json.dumps({**GPT, "d_model": 16.0})}, ["model.d_model must be an integer (got 16.0)"]),
+        ({"model_config": json.dumps({**GPT, "final_scale": "2"})}, ["model.final_scale must be a finite number"]),
+        ({"model_config": json.dumps({**GPT, "final_scale": None})}, ["model.final_scale must be a finite number"]),
+        ({"model_config": json.dumps({**GPT, "mlp_gain": 0})}, ["model.mlp_gain must have magnitude"]),
+        ({"model_config": json.dumps({**GPT, "softmax_scale": 1e7})}, ["model.softmax_scale must"]),
+        ({"model_config": json.dumps({**GPT, "content_heads": 9})}, ["model.content_heads must"]),
+        ({"model_config": json.dumps({**GPT, "zero_init": 1})}, ["model.zero_init must be true or false"]),
+        ({"train_config": json.dumps({"seed": "zero"})}, ["train_config field 'seed' has the wrong type"]),
+        ({"train_config": json.dumps({"data": 3})}, ["train_config field 'data' has the wrong type"]),
+        ({"train_config": json.dumps({"val_fraction": 2})}, ["'val_fraction' must lie in (0, 1)"]),
     ],
 )
 def test_bad_metadata(saved: Path, meta: dict[str, str | None], words: list[str]) -> None:
@@ -285,6 +302,62 @@ def test_missing_and_unexpected_tensors(saved: Path) -> None:
     expect_error(load, saved, 'missing tensor "embed.weight" (and 1 more)')
     rewrite(saved, add={"aaa.extra": torch.zeros(2)})
     expect_error(load, saved, 'unexpected tensor "aaa.extra" (and 2 more)')
+
+
+def test_declared_layers_are_checked_against_the_file_before_building(
+    saved: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A small file declaring a million layers must fail on its header, never by building them."""
+    rewrite(saved, model_config=json.dumps({**GPT, "n_layers": 10**6}))
+    monkeypatch.setattr("lipcli.checkpoint.build_model", lambda *a, **k: pytest.fail("built a model"))
+    expect_error(load, saved, "declares model.n_layers = 1000000 but the file stores 1")
+
+
+def test_huge_declared_width_is_a_shape_mismatch(saved: Path) -> None:
+    # 10**5 wide would need ~10**12 values if the model were allocated before the shapes are compared.
+    rewrite(saved, model_config=json.dumps({**GPT, "d_model": 10**5, "n_heads": 2}))
+    expect_error(load, saved, "tensors do not match model_config")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_weights(saved: Path, bad: float) -> None:
+    with safe_open(saved, framework="pt") as f:
+        weight = f.get_tensor("head.weight")
+    weight[0, 0] = bad
+    rewrite(saved, add={"head.weight": weight})
+    expect_error(load, saved, 'tensor "head.weight" holds NaN or infinite values')
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.float8_e4m3fn, torch.uint8])
+def test_non_float_or_fp8_tensor_is_refused(saved: Path, dtype: torch.dtype) -> None:
+    rewrite(saved, add={"head.weight": torch.zeros(11, 16).to(dtype)})
+    expect_error(load, saved, 'tensor "head.weight" is stored as')
+
+
+@pytest.mark.parametrize("fn", [load, read_metadata])
+def test_directory_is_named_as_one(tmp_path: Path, fn: Reader) -> None:
+    folder = tmp_path / "run.safetensors"
+    folder.mkdir()
+    expect_error(fn, folder, "is a directory")
+
+
+@pytest.mark.parametrize("fn", [load, read_metadata])
+def test_random_bytes(tmp_path: Path, fn: Reader) -> None:
+    path = tmp_path / "noise.safetensors"
+    path.write_bytes(random.Random(0).randbytes(70_000))
+    expect_error(fn, path, "not a readable safetensors file")
+
+
+def test_fp8_file_is_pointed_back_to_convert(saved: Path) -> None:
+    rewrite(saved, format="lipcli-fp8")
+    expect_error(load, saved, "fp8 file", "lipcli convert")
+
+
+def test_no_message_names_a_command_lipcli_lacks() -> None:
+    commands = {c.name or c.callback.__name__ for c in app.registered_commands}
+    source = Path(load.__code__.co_filename).read_text()
+    mentioned = set(re.findall(r"`lipcli (\w+)", source))
+    assert mentioned and mentioned <= commands, mentioned - commands
 
 
 class Smuggled:

@@ -1,8 +1,10 @@
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from lipcli.cli import app
+from lipcli.errors import UserError
 
 from .conftest import tiny_cli
 
@@ -64,3 +66,47 @@ def test_error_lines_show_brackets_in_paths_literally(tmp_path):
     result = runner.invoke(app, ["certify", str(path)])
     assert result.exit_code == 2
     assert "run[bold]1.safetensors" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_bug_is_not_reported_as_bad_input(tmp_path, monkeypatch):
+    """A plain ValueError from inside lipcli or a library is a bug: exit 1 with its traceback, never 'bad input'."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr("lipcli.convert.convert", broken)
+    result = runner.invoke(app, ["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")])
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+    assert "error:" not in result.stderr
+
+
+def test_a_user_error_from_the_library_is_one_line(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise UserError("bad [bold]input[/bold] named here")
+
+    monkeypatch.setattr("lipcli.convert.convert", refuse)
+    result = runner.invoke(app, ["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: bad [bold]input[/bold] named here"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["attack", "x.safetensors"], "Missing option '--eps'"),
+        (["attack", "x.safetensors", "--eps", "1", "--steps", "abc"], "Invalid value for '--steps'"),
+        (["presets", "--bogus"], "No such option: --bogus"),
+        (["--bogus"], "No such option: --bogus"),
+        (["nope"], "No such command 'nope'"),
+    ],
+)
+def test_usage_errors_are_one_line(args, words):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], result.stderr
+
+
+def test_help_still_shows_for_a_bare_command():
+    result = runner.invoke(app, [])
+    assert "certify" in result.stdout and "convert" in result.stdout

@@ -239,7 +239,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path):
         (["ref.npz", "out.safetensors", "--allow-pickle"], "not a reference checkpoint"),
         (["base.safetensors", "out.pt", "--preset", "shakespeare-cpu"], "carries its own config"),
         (["base.safetensors", "out.safetensors", "--project", "svd", "--sigma-max", "1"], "RMSNorm"),
-        (["bare.pt", "out.safetensors", "--config", TINY_CONFIG, "--project", "svd"], "--sigma-max > 0"),
+        (["bare.pt", "out.safetensors", "--config", TINY_CONFIG, "--project", "svd"], "finite --sigma-max > 0"),
         (["bare.pt", "out.safetensors", "--config", TINY_CONFIG, "--dtype", "int4"], "unknown --dtype"),
     ]
     out_dir = tmp_path / "out"

@@ -82,7 +82,7 @@ def test_a_misspelled_group_lists_the_real_group_names():
     preset = tiny_preset(**{"train.caps": {"attn_q": 2.0}})
     model = build_model(preset.arch, preset.model)
     names = [group.name for group in model.groups(1.0, {}, {}) if group.params]
-    assert {"embed", "attn_qk", "head"} <= set(names)
+    assert {"embed", "attn_v", "head"} <= set(names)
     with pytest.raises(PresetError) as caught:
         training.validate(preset)
     assert str(caught.value).endswith("lipschitz-gpt has groups " + ", ".join(names))
@@ -166,9 +166,9 @@ BAD_RESUMES = [
     ("changed d_model", None, ["--set", "model.d_model=64"], "other model settings (d_model 32 -> 64)"),
     ("muon -> adamw", None, ["--optimizer", "adamw", "--method", "hardcap", "--lr", "0.003"],
      "trained with --optimizer muon, this run asks adamw"),
-    ("changed cap", None, ["--sigma-max", "2"], "trained with sigma_max 1.0 for group attn_qk, this run asks 2.0"),
+    ("changed cap", None, ["--sigma-max", "2"], "trained with sigma_max 1.0 for group attn_v, this run asks 2.0"),
     ("changed seed", None, ["--seed", "1"], "other model settings (seed 0 -> 1)"),
-    ("NaN checkpoint", _legacy_nan_run, [], "holds NaN/inf weights (head.weight)"),
+    ("NaN checkpoint", _legacy_nan_run, [], "tensor \"head.weight\" holds NaN or infinite values"),
     ("replaced OUT", _replace_with_nan_weights, [], "was changed after training"),
     ("truncated weights", _truncate_weights, [], "not a readable safetensors file"),
     ("broken manifest", _break_manifest, [], "unreadable run manifest"),
