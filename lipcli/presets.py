@@ -51,6 +51,11 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "fp32"
     compile: bool = False
+    # data = "recall" (lipcli/recall.py, MQAR): key and value vocabularies, pairs listed, keys asked per sequence.
+    recall_keys: int = 64
+    recall_values: int = 64
+    recall_pairs: int = 16
+    recall_queries: int = 16
 
 
 @dataclass

@@ -44,7 +44,10 @@ DEFAULT_LRS = {"muon": 0.1, "adamw": 3e-3}
 # The baseline gets the sweep's size, data and budget; its optimizer recipe (optimizer, lr, wd, ...) stays its own.
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "context", "mlp_ratio")
 BUDGET_FIELDS = ("data", "val_data", "tokenizer", "val_fraction", "steps", "batch_size", "eval_every",
-                 "eval_batches", "seed", "device", "dtype", "compile")  # fmt: skip
+                 "eval_batches", "seed", "device", "dtype", "compile",
+                 "recall_keys", "recall_values", "recall_pairs", "recall_queries")  # fmt: skip
+# The unconstrained reference of each preset family (a preset's name starts with its family).
+DEFAULT_BASELINES = {"shakespeare": "shakespeare-baseline", "recall": "recall-baseline"}
 PANELS = (("val_acc", "validation accuracy"), ("val_loss", "validation loss"))
 PROFILE_BATCHES = 2
 PROFILE_BATCH_SIZE = 16
@@ -271,9 +274,10 @@ def baseline_point(base: Preset, baseline: bool | str) -> Point | None:
     """The unconstrained reference at the sweep's size, data and budget (None when ``baseline`` is False)."""
     if baseline is False:
         return None
-    if baseline is True and not base.name.startswith("shakespeare"):
+    family = base.name.split("-")[0]
+    if baseline is True and family not in DEFAULT_BASELINES:
         raise ValueError(f"no default baseline for preset {base.name}: use --baseline-preset NAME or --no-baseline")
-    reference = load_preset("shakespeare-baseline" if baseline is True else baseline)
+    reference = load_preset(DEFAULT_BASELINES[family] if baseline is True else baseline)
     shape = {f"model.{key}": base.model[key] for key in SHAPE_FIELDS if key in base.model}
     budget = {f"train.{key}": getattr(base.train, key) for key in BUDGET_FIELDS}
     return Point(reference.name, apply_overrides(reference, {**shape, **budget}), baseline=True)
