@@ -5,10 +5,12 @@ import torch
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
+from lipcli import checkpoint
 from lipcli.cli import app
 from lipcli.data import DataError
 from lipcli.presets import apply_overrides, load_preset
 from lipcli.recall import IGNORE_INDEX, RecallSpec, train_batch, validation_set
+from lipcli.sweep import sweep
 from lipcli.training import evaluate, loss_and_correct, make_task, train
 
 runner = CliRunner()
@@ -52,6 +54,15 @@ def test_batches_are_reproducible_and_validation_is_apart_from_training():
         tuple(row) for seed in range(3) for step in range(20) for row in train_batch(SPEC, seed, step, 8)[0].tolist()
     }
     assert not seen & {tuple(row) for row in val_x.tolist()}
+
+
+def test_chance_is_a_guess_among_the_values_not_yet_answered():
+    x, _ = validation_set(SPEC, 32)
+    end = 2 * SPEC.pairs
+    # Counted from the sequences: at each query, the listed values that no earlier answer has used.
+    left = [len(set(seq[1:end:2]) - set(seq[end + 1 : end + 1 + 2 * j : 2])) for seq in x.tolist() for j in range(3)]
+    assert SPEC.chance == pytest.approx(sum(1 / n for n in left) / len(left))
+    assert SPEC.chance > 1 / SPEC.pairs
 
 
 @pytest.mark.parametrize(
@@ -148,3 +159,14 @@ def test_a_recall_checkpoint_goes_through_certify_attack_and_activations(preset,
     assert attacked["rows"][0]["clean_acc"] == attacked["rows"][0]["adv_acc"]
     profiled = _cli("activations", str(out), "--batches", "1", "--batch-size", "4", "--fp8-check", "--device", "cpu")
     assert profiled["checkpoints"][0]["samples"] == 4
+
+
+def test_a_recall_sweep_runs_against_recall_baseline_on_the_same_sequences(tmp_path):
+    result = sweep("recall-cpu", ["muon"], ["softcap"], [1.0], tmp_path, overrides=TINY_RECALL)
+    assert not result.failed
+    by_preset = {row.preset: row for row in result.rows}
+    assert set(by_preset) == {"recall-cpu", "recall-baseline"}
+    for row in result.rows:
+        trained = checkpoint.load(row.checkpoint).train_config
+        assert trained["data"] == "recall" and (trained["recall_pairs"], trained["recall_queries"]) == (4, 4)
+        assert 0.0 <= row.val_acc <= 1.0
