@@ -52,10 +52,10 @@ class TrainConfig:
     dtype: str = "fp32"
     compile: bool = False
     # data = "recall" (lipcli/recall.py, MQAR): key and value vocabularies, pairs listed, keys asked per sequence.
-    recall_keys: int = 64
-    recall_values: int = 64
-    recall_pairs: int = 16
-    recall_queries: int = 16
+    recall_keys: int = 32
+    recall_values: int = 32
+    recall_pairs: int = 8
+    recall_queries: int = 8
 
 
 @dataclass

@@ -72,7 +72,10 @@ def report(rows: list[dict], out: Path) -> None:
     spec = RecallSpec.from_config(load_preset("recall-cpu").train, int(load_preset("recall-cpu").model["context"]))
     lines = [
         f"MQAR: {spec.pairs} pairs, {spec.queries} queries, {spec.keys} keys, {spec.values} values per sequence "
-        f"({spec.length} tokens); accuracy on answer positions only, chance 1/pairs = {spec.chance:.1%}.",
+        f"({spec.length} tokens); accuracy on answer positions only. Chance (a guess among the listed values not "
+        f"yet answered, which needs no recall) is {spec.chance:.1%}; 1/pairs is {1 / spec.pairs:.1%}.",
+        "train s: wall seconds of training on the shared 2-core box, with the threads used and the 1-minute load "
+        "average when the point started.",
         "",
         "| point | preset | overrides | val acc | val loss | steps | train s | threads | load | certified bound "
         "(tight) | measured sensitivity | bound / measured |",
