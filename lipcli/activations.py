@@ -32,11 +32,12 @@ from torch.utils.hooks import RemovableHandle
 
 from . import checkpoint
 from .checkpoint import Checkpoint
-from .data import load_image_splits, recorded_val_tokens, val_batches
+from .data import load_image_splits
 from .errors import UserError
 from .files import atomic_write
 from .models import BaselineGPT, LipschitzGPT, LipschitzMLP
 from .nn import MLP, HeadLinear, Linear
+from .recall import recorded_val_batches
 from .training import evaluate, resolve_device
 
 # Largest finite value of each format: a site whose max exceeds it overflows a scale-1 cast.
@@ -286,9 +287,7 @@ def _validation(ckpt: Checkpoint, data: str | None, batches: int, batch_size: in
         images = load_image_splits(data or tc.get("data"), seed=tc.get("seed", 0))
         pairs = zip(images.x_val.split(batch_size), images.y_val.split(batch_size), strict=True)
         return list(pairs)[:batches], images.source
-    context = int(ckpt.model_config["context"])
-    val, source = recorded_val_tokens(tc, ckpt.tokenizer, context, data)
-    return list(val_batches(val, context, batch_size, batches)), source
+    return recorded_val_batches(tc, ckpt.model_config, ckpt.tokenizer, data, batch_size, batches)
 
 
 def _device_of(model: nn.Module) -> torch.device:

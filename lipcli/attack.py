@@ -41,9 +41,10 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .certification import certify
-from .data import DataError, load_image_splits, recorded_val_tokens, val_batches
+from .data import DataError, load_image_splits
 from .errors import UserError
 from .models import LipschitzGPT, LipschitzMLP
+from .recall import IGNORE_INDEX, recorded_val_batches
 from .training import resolve_device
 
 ATTACKS = ("pgd", "apgd", "fgsm")
@@ -286,9 +287,11 @@ def _attack_batch(
                 norm, threat = batch.norms(module, u)
             tally.norms.append(norm)
             tally.threat_norms.append(threat)
-    tally.clean.append(correct)
-    tally.robust.append(robust)
-    tally.certified.append(certified)
+    # Only labelled predictions count (recall scores its answer positions alone).
+    scored = labels != IGNORE_INDEX
+    tally.clean.append(correct[scored])
+    tally.robust.append(robust[scored])
+    tally.certified.append(certified[scored])
 
 
 def _row(eps: float, radius: float, tally: _Tally) -> AttackRow:
@@ -321,10 +324,8 @@ def _images(ckpt: checkpoint.Checkpoint, data: str | None, n: int) -> tuple[Tens
 
 
 def _sequences(ckpt: checkpoint.Checkpoint, data: str | None, n: int) -> tuple[Tensor, Tensor, str]:
-    tc, context = ckpt.train_config, int(ckpt.model_config["context"])
-    val, source = recorded_val_tokens(tc, ckpt.tokenizer, context, data)
-    x, y = next(val_batches(val, context, n, 1))
-    return x, y, f"{source}, first {len(x)} validation windows of {context} tokens"
+    [(x, y)], source = recorded_val_batches(ckpt.train_config, ckpt.model_config, ckpt.tokenizer, data, n, 1)
+    return x, y, f"{source}, first {len(x)} validation windows of {x.shape[1]} tokens"
 
 
 def _descriptions(arch: str, norm: str, d: int) -> tuple[str, str]:
@@ -387,8 +388,9 @@ def robustness(
     r0 = model.embed.max_row_rms() if ckpt.arch == LipschitzGPT.arch else None
     certificate_norm, threat = _descriptions(ckpt.arch, norm, width)
     note = None if math.isfinite(log10_bound) else f"no certificate ({report_cert.unbounded_reason}): certified is 0"
-    report = AttackReport(str(path), ckpt.arch, attack, norm, steps, alpha, restarts, len(y), y.numel(),
-                          log10_bound, certificate_norm, threat, rule, source, note)  # fmt: skip
+    predictions = int((y != IGNORE_INDEX).sum())  # recall scores its answer positions only
+    report = AttackReport(str(path), ckpt.arch, attack, norm, steps, alpha, restarts, len(y), predictions, log10_bound,
+                          certificate_norm, threat, rule, source, note)  # fmt: skip
     options = {"attack": attack, "norm": norm, "steps": steps, "alpha": alpha, "restarts": restarts, "seed": seed}
     chunk = CHUNK["images" if is_mlp else "sequences"]
     with torch.no_grad():

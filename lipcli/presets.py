@@ -53,6 +53,11 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "fp32"
     compile: bool = False
+    # data = "recall" (lipcli/recall.py, MQAR): key and value vocabularies, pairs listed, keys asked per sequence.
+    recall_keys: int = 32
+    recall_values: int = 32
+    recall_pairs: int = 8
+    recall_queries: int = 8
 
 
 @dataclass
@@ -185,6 +190,11 @@ TRAIN_RULES: dict[str, Rule] = {
     "device": Rule(str),
     "dtype": Rule(str, choices=("fp32", "bf16")),
     "compile": Rule(bool),
+    # Recall sizes: lipcli.recall.RecallSpec checks how they fit together (pairs <= keys, context) by name.
+    "recall_keys": Rule(int, ge=1),
+    "recall_values": Rule(int, ge=1),
+    "recall_pairs": Rule(int, ge=1),
+    "recall_queries": Rule(int, ge=1),
 }
 
 

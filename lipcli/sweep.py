@@ -45,7 +45,8 @@ DEFAULT_LRS = {"muon": 0.1, "adamw": 3e-3}
 # The baseline gets the sweep's size, data and budget; its optimizer recipe (optimizer, lr, wd, ...) stays its own.
 SHAPE_FIELDS = ("d_model", "n_layers", "n_heads", "context", "mlp_ratio")
 BUDGET_FIELDS = ("data", "val_data", "tokenizer", "val_fraction", "steps", "batch_size", "eval_every",
-                 "eval_batches", "seed", "device", "dtype", "compile")  # fmt: skip
+                 "eval_batches", "seed", "device", "dtype", "compile",
+                 "recall_keys", "recall_values", "recall_pairs", "recall_queries")  # fmt: skip
 PANELS = (("val_acc", "validation accuracy"), ("val_loss", "validation loss"))
 PROFILE_BATCHES = 2
 PROFILE_BATCH_SIZE = 16

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import checkpoint, distributed
+from . import checkpoint, distributed, recall
 from .checkpoint import CheckpointError
 from .data import (
     BatchSampler,
@@ -37,6 +37,7 @@ from .files import atomic_write
 from .models import build_model, config_dict, max_weight_norm
 from .optim import Muon, MuonWithAdamW, build_optimizer, check_method
 from .presets import Preset, PresetError, TrainConfig, check_train_config
+from .recall import IGNORE_INDEX, RecallSpec
 from .runfiles import Pair, RunFiles
 
 IMAGE_SETS = ("digits", "cifar10")
@@ -165,6 +166,34 @@ class _LMTask:
         return self.splits.tokenizer.to_dict() if self.splits.tokenizer else None
 
 
+class _RecallTask:
+    """Multi-query associative recall (lipcli/recall.py): fresh sequences every step, labels at answers only."""
+
+    def __init__(self, t: TrainConfig, context: int, world: World = SINGLE) -> None:
+        self.spec = RecallSpec.from_config(t, context)
+        self.per_rank = distributed.local_batch_size(t.batch_size, world)
+        self.t, self.world = t, world
+
+    def model_fields(self) -> dict[str, Any]:
+        return {"vocab_size": self.spec.vocab_size}
+
+    def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        x, y = recall.train_batch(self.spec, self.t.seed, step, self.per_rank, self.world.rank, self.world.size)
+        return to_device(x, device), to_device(y, device)
+
+    def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's share of the fixed validation set: every world.size-th batch."""
+        batches = recall.validation_batches(self.spec, self.t.batch_size, self.t.eval_batches)
+        for x, y in islice(batches, self.world.rank, None, self.world.size):
+            yield x.to(device), y.to(device)
+
+    def tokens_per_batch(self) -> int:
+        return self.t.batch_size * self.spec.length
+
+    def tokenizer_dict(self) -> None:
+        return None
+
+
 class _ImageTask:
     """Classification of flattened images."""
 
@@ -195,17 +224,20 @@ class _ImageTask:
         return None
 
 
-def make_task(preset: Preset, world: World = SINGLE) -> _LMTask | _ImageTask:
+def make_task(preset: Preset, world: World = SINGLE) -> _LMTask | _RecallTask | _ImageTask:
     if preset.arch == "lipschitz-mlp":
         return _ImageTask(preset.train, world)
     context = int(preset.model.get("context", 256))
+    if recall.is_recall(preset.train.data):
+        return _RecallTask(preset.train, context, world)
     return _LMTask(preset.train, context, world)
 
 
 def loss_and_correct(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean cross-entropy and the number of correct predictions, both over the labels that are not IGNORE_INDEX."""
     logits = model(x).float()
-    loss = F.cross_entropy(logits.flatten(0, -2), y.flatten())
-    correct = (logits.argmax(dim=-1) == y).sum()
+    loss = F.cross_entropy(logits.flatten(0, -2), y.flatten(), ignore_index=IGNORE_INDEX)
+    correct = (logits.argmax(dim=-1) == y).sum()  # an argmax is never IGNORE_INDEX: ignored labels count as wrong
     return loss, correct
 
 
@@ -213,16 +245,18 @@ def loss_and_correct(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Te
 def evaluate(
     model: nn.Module, batches: Iterator[tuple[Tensor, Tensor]], autocast: torch.autocast, world: World = SINGLE
 ) -> dict[str, float]:
-    """Loss and accuracy over ``batches``; with several ranks, each passes its own share and the sums are pooled."""
+    """Loss and accuracy over the labelled positions of ``batches`` (IGNORE_INDEX skipped); with several ranks,
+    each passes its own share and the sums are pooled."""
     was_training = model.training
     model.eval()
     total_loss, total_correct, total = 0.0, 0, 0
     for x, y in batches:
+        counted = int((y != IGNORE_INDEX).sum())
         with autocast:
             loss, correct = loss_and_correct(model, x, y)
-        total_loss += float(loss) * y.numel()
+        total_loss += float(loss) * counted
         total_correct += int(correct)
-        total += y.numel()
+        total += counted
     model.train(was_training)
     device = next(model.parameters()).device
     total_loss, total_correct, total = distributed.sum_over_ranks([total_loss, total_correct, total], world, device)

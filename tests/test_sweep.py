@@ -78,7 +78,7 @@ def test_the_wd_method_sweeps_its_decay_strength_and_leaves_the_others_at_the_pr
         ({"optimizers": ["adamw"], "methods": ["softcap"]}, "no (optimizer, method) pair"),
         ({"overrides": {**TINY_GPT, "train.sigma_max": 2}}, "the sweep sets it"),
         ({"jobs": 0}, "--jobs must be >= 1"),
-        ({"preset_name": "mlp-digits", "overrides": {}}, "no default baseline"),
+        ({"preset_name": "mlp-digits", "overrides": {}}, "names no baselines"),
     ],
 )
 def test_bad_input_raises_before_anything_is_written(tmp_path, options, words):

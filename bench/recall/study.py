@@ -1,0 +1,113 @@
+"""The recall study: does a model answer multi-query associative recall (MQAR), and at what certified bound?
+
+Every point trains one preset on `data = "recall"` (lipcli/recall.py) with its overrides written out:
+`recall-baseline` (the unconstrained reference), the content-free default recipe (`recall-cpu` with
+shakespeare-cpu's attention: softmax_scale 0, position biases only) and `recall-cpu` with content attention
+at several softmax scales. Each point runs train -> certify -> activation profile (`lipcli.sweep.run_point`)
+and then, where there is a certificate, the measured sensitivity (`lipcli.sensitivity`), which must not
+exceed it. Accuracy counts the answer positions only. Finished points live in bench/recall/points/<name>.json
+and are not re-run; a killed run resumes from its checkpoint.
+
+    .venv/bin/python bench/recall/study.py                       # every point, then results.md
+    .venv/bin/python bench/recall/study.py --only baseline --threads 1
+    .venv/bin/python bench/recall/study.py --report              # results.md from the saved points only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from lipcli import checkpoint
+from lipcli.files import atomic_write, strict_json
+from lipcli.presets import apply_overrides, load_preset
+from lipcli.recall import RecallSpec
+from lipcli.sensitivity import checkpoint_sensitivity
+from lipcli.sweep import Point, run_point
+
+HERE = Path(__file__).resolve().parent
+# shakespeare-cpu's attention (the default before content attention): heads mix by position only.
+CONTENT_FREE = {"model.softmax_scale": 0.0, "model.position_bias": True}
+POINTS: dict[str, tuple[str, dict]] = {
+    "baseline": ("recall-baseline", {}),
+    "content-free": ("recall-cpu", CONTENT_FREE),
+    **{f"softmax{s:g}": ("recall-cpu", {"model.softmax_scale": s}) for s in (1.0, 4.0, 16.0)},
+}
+
+
+def point(name: str) -> Point:
+    preset, overrides = POINTS[name]
+    return Point(name, apply_overrides(load_preset(preset), overrides), baseline=preset == "recall-baseline")
+
+
+def run(p: Point, out: Path) -> dict:
+    saved = out / "points" / f"{p.name}.json"
+    # run_point writes the same file when training ends; "measured" marks a point this script finished.
+    row = json.loads(saved.read_text()) if saved.exists() else None
+    if row is None:
+        conditions = {"threads": torch.get_num_threads(), "load_at_start": os.getloadavg()[0]}
+        row = {**asdict(run_point(p, out, lambda event: None)), **conditions}
+    if "measured" in row:
+        return row
+    bound = row["log10_tight"]
+    row["measured"] = checkpoint_sensitivity(row["checkpoint"]) if math.isfinite(bound) else None
+    if row["measured"] is not None and math.log10(row["measured"]) > bound:
+        raise RuntimeError(f"{p.name}: measured sensitivity {row['measured']:.4g} exceeds its bound 10^{bound:.3f}")
+    t = p.preset.train
+    row["overrides"] = POINTS[p.name][1]
+    row["steps"], row["train_s"] = t.steps, checkpoint.load(row["checkpoint"]).metrics["wall_s"]
+    row["chance"] = RecallSpec.from_config(t, int(p.preset.model["context"])).chance
+    atomic_write(saved, lambda tmp: tmp.write_text(strict_json(row)))
+    print(json.dumps({k: row[k] for k in ("name", "val_acc", "chance", "log10_tight", "measured", "train_s")}))
+    return row
+
+
+def report(rows: list[dict], out: Path) -> None:
+    spec = RecallSpec.from_config(load_preset("recall-cpu").train, int(load_preset("recall-cpu").model["context"]))
+    lines = [
+        f"MQAR: {spec.pairs} pairs, {spec.queries} queries, {spec.keys} keys, {spec.values} values per sequence "
+        f"({spec.length} tokens); accuracy on answer positions only. Chance (a guess among the listed values not "
+        f"yet answered, which needs no recall) is {spec.chance:.1%}; 1/pairs is {1 / spec.pairs:.1%}.",
+        "train s: wall seconds of training on the shared 2-core box, with the threads used and the 1-minute load "
+        "average when the point started.",
+        "",
+        "| point | preset | overrides | val acc | val loss | steps | train s | threads | load | certified bound "
+        "(tight) | measured sensitivity | bound / measured |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["log10_tight"] is None, r["log10_tight"] or 0.0)):
+        bound = r["log10_tight"]
+        shown = "none (unconstrained)" if bound is None else f"{10**bound:.4g}"
+        measured = "-" if r["measured"] is None else f"{r['measured']:.4g}"
+        ratio = "-" if r["measured"] is None else f"{10**bound / r['measured']:.3g}"
+        overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
+        lines.append(
+            f"| {r['name']} | {r['preset']} | {overrides} | {r['val_acc']:.1%} | {r['val_loss']:.3f} | {r['steps']} "
+            f"| {r['train_s']:.0f} | {r['threads']} | {r['load_at_start']:.1f} | {shown} | {measured} | {ratio} |"
+        )
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=list(POINTS))
+    parser.add_argument("--report", action="store_true", help="only rebuild results.md")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.report:
+        for name in args.only or list(POINTS):
+            run(point(name), HERE)
+    saved = [json.loads(p.read_text()) for p in sorted((HERE / "points").glob("*.json"))]
+    report([row for row in saved if "measured" in row], HERE)  # not yet measured: still running elsewhere
+
+
+if __name__ == "__main__":
+    main()
