@@ -8,8 +8,9 @@ Norm pairs (the certificate's), for one input of shape ``shape``:
 
 - ``"seq-rms"`` (sequence models, X of shape [T, d] -> logits [T, V]): ``||X|| = max_t ||x_t||_2 / sqrt(d)``,
   the largest per-position RMS, and likewise ``||Y|| = max_t ||y_t||_2 / sqrt(V)`` on the output. Domain:
-  every row of X has RMS <= ``radius`` (the embeddings are capped at unit RMS); both points of every pair
-  stay inside it (rows are projected back onto the sphere after each ascent step).
+  every row of X has RMS <= ``radius``; both points of every pair stay inside it (rows are projected back
+  onto the sphere after each ascent step). :func:`model_sensitivity` takes norm and radius from the
+  model's certified :class:`~lipcli.nn.Domain`, so the search covers exactly what certify proves.
 - ``"l2"`` (the MLP, any input shape): the L2 norm of the flattened input and output. The domain is
   unconstrained, or the box [lo, hi]^D with ``box=(lo, hi)``; ``radius`` then only sets the scale of starts.
 
@@ -41,6 +42,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,6 +50,7 @@ from torch.func import jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import checkpoint
+from .nn import Domain, certified_map, clip_token_rms
 
 NORMS = ("seq-rms", "l2")
 _TINY = 1e-300  # keeps log() and divisions finite when f is constant
@@ -101,8 +104,7 @@ class _Geometry:
 
     def project(self, z: Tensor) -> Tensor:
         if self.norm == "seq-rms":
-            shrink = (self.radius / self.row_norms(z).clamp_min(_TINY)).clamp(max=1.0)
-            z = z * shrink.unsqueeze(-1)
+            z = clip_token_rms(z, self.radius)  # the same projection as the certificate's Domain
         return z.clamp(*self.box) if self.box is not None else z
 
     def interior(self, z: Tensor) -> Tensor:
@@ -325,19 +327,26 @@ def measure_sensitivity(
     )
 
 
-def checkpoint_sensitivity(path: str | Path, *, steps: int = 150, restarts: int = 3, window: int = 32) -> float:
-    """The measured lower bound on a checkpoint's Lipschitz constant, in the norm pair its certificate uses.
+def domain_sensitivity(f: Callable[[Tensor], Tensor], domain: Domain, tokens: int = 1, **search: Any) -> Sensitivity:
+    """:func:`measure_sensitivity` on a certificate's own :class:`~lipcli.nn.Domain`: its norm pair and radius.
+
+    ``tokens`` sets the sequence length for token-embedding domains; an unbounded domain searches at scale 1.
+    """
+    radius = domain.radius if domain.radius is not None else 1.0
+    return measure_sensitivity(f, domain.shape(tokens), domain.norm, radius=radius, **search)
+
+
+def model_sensitivity(model: torch.nn.Module, *, window: int = 32, **search: Any) -> Sensitivity:
+    """The measured sensitivity of a float64 certified model on ``model.domain()``, in its certificate's norm pair.
 
     Sequence models are searched on windows of at most ``window`` tokens: the certificate holds for every
     length, and short windows search faster.
     """
+    tokens = min(getattr(model.config, "context", 1), window)
+    return domain_sensitivity(certified_map(model), model.domain(), tokens, **search)
+
+
+def checkpoint_sensitivity(path: str | Path, *, steps: int = 150, restarts: int = 3, window: int = 32) -> float:
+    """The measured lower bound on a checkpoint's Lipschitz constant, on its certificate's domain and norm pair."""
     model = checkpoint.load(path).model.double()
-    if model.arch == "lipschitz-mlp":
-        result = measure_sensitivity(model, (model.config.input_dim,), "l2", restarts=restarts, steps=steps, batch=8)
-    else:
-        shape = (min(model.config.context, window), model.config.d_model)
-        radius = float(model.embed.weight.detach().pow(2).mean(-1).sqrt().max())
-        result = measure_sensitivity(
-            model.forward_embeddings, shape, "seq-rms", radius=radius, restarts=restarts, steps=steps, batch=8
-        )
-    return result.lower_bound
+    return model_sensitivity(model, window=window, restarts=restarts, steps=steps, batch=8).lower_bound
