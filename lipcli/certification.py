@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,12 +110,22 @@ def arithmetic(dtype: torch.dtype) -> str:
     return stated + "; floating-point rounding of a forward pass is not covered"
 
 
+def _add_up(total: float, term: float) -> float:
+    """total + term for log10 factors, rounded up one ulp (the sum of the exact logs never exceeds it).
+
+    -inf is an exactly zero factor and wins over +inf, which only ever stands for an overflowed finite one.
+    """
+    if -math.inf in (total, term):
+        return -math.inf
+    total += term
+    return total if math.isinf(total) else math.nextafter(total, math.inf)
+
+
 def _compose(paper: list[tuple[str, Bound]], tight: list[tuple[str, Bound]]) -> list[ModuleRow]:
     rows, run_p, run_t = [], 0.0, 0.0
     for (name, bp), (_, bt) in zip(paper, tight, strict=True):
-        # Each running sum rounded up one ulp: the sum of the exact logs never exceeds it.
-        run_p = math.nextafter(run_p + bp.log10_lipschitz, math.inf)
-        run_t = math.nextafter(run_t + bt.log10_lipschitz, math.inf)
+        run_p = _add_up(run_p, bp.log10_lipschitz)
+        run_t = _add_up(run_t, bt.log10_lipschitz)
         rows.append(ModuleRow(name, bp.log10_lipschitz, bt.log10_lipschitz, run_p, run_t, bt.out_norm, bt.terms))
     return rows
 
@@ -135,9 +145,11 @@ def _memoized(norm_of: NormOf) -> NormOf:
 def check_certifiable(model: nn.Module, where: str) -> None:
     """Refuse what no bound may be printed for: NaN or inf in any weight or scale, or a forward pass that is not
     finite on the model's own domain (softmax_scale 0 without position biases, mlp_gain 0, ...)."""
-    for name, value in vars(model.config).items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise UserError(f"{where}: model_config.{name} is {value}: no certificate for a non-finite scale")
+    for spec in fields(model.config):
+        value = getattr(model.config, spec.name)
+        real = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if isinstance(spec.default, float) and not (real and math.isfinite(value)):
+            raise UserError(f"{where}: model_config.{spec.name} is {value!r}: a certificate needs a finite number")
     for name, p in model.named_parameters():
         if not bool(torch.isfinite(p).all()):
             raise UserError(f"{where}: weight {name} holds NaN or inf: no certificate")
@@ -168,6 +180,8 @@ def certify_loaded(ckpt: checkpoint.Checkpoint, power_iters: int | None = None) 
     estimate = "eigvalsh (float64)" if exact else f"power iteration ({power_iters} steps)"
     method = f"{estimate} proved by Cholesky"
     certified = hasattr(model, "bound")
+    if certified:
+        check_certifiable(model, str(ckpt.path))
     domain = model.domain() if certified else None
     report = CertifyReport(
         str(ckpt.path), ckpt.arch,
@@ -179,7 +193,6 @@ def certify_loaded(ckpt: checkpoint.Checkpoint, power_iters: int | None = None) 
         report.unbounded_reason = UNBOUNDED_REASON.get(ckpt.arch, "this architecture has no certificate")
         report.seconds = time.perf_counter() - started
         return report
-    check_certifiable(model, str(ckpt.path))
     try:
         for name, p in model.named_parameters():
             recorded = ckpt.spectral_norms.get(name)

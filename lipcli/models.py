@@ -145,7 +145,8 @@ class LipschitzGPT(nn.Module):
 
     def domain(self) -> Domain:
         """Token embeddings of RMS <= 1, or <= the largest stored row's RMS (rounded up) when that is larger."""
-        return Domain.token_embeddings(self.config.d_model, max(1.0, self.embed.max_row_rms()))
+        c = self.config
+        return Domain.token_embeddings(c.d_model, max(1.0, self.embed.max_row_rms()), c.context)
 
     def bound(self, norm_of: NormOf, tight: bool = False) -> list[tuple[str, Bound]]:
         """Per-module certificates in data order, on :meth:`domain`; final_scale enters as |final_scale|."""

@@ -93,21 +93,23 @@ class Domain:
     norm: str
     radius: float | None
     width: int  # d for token embeddings (one input is [T, d]), D for a flattened input
+    max_tokens: int = 1  # the longest sequence the model takes (1 for a flattened input)
 
     @classmethod
-    def token_embeddings(cls, width: int, radius: float) -> Domain:
-        """Token embeddings [T, d], every token of RMS <= ``radius`` rounded up to a short decimal (printed as is)."""
+    def token_embeddings(cls, width: int, radius: float, max_tokens: int) -> Domain:
+        """Token embeddings [T, d], T <= max_tokens, every token of RMS <= ``radius`` rounded up to a short decimal."""
         if not (math.isfinite(radius) and radius > 0):
             raise ArithmeticError(f"token-embedding domain radius {radius!r} is not a positive number")
-        return cls(f"token embeddings X [T x {width}]", "seq-rms", _round_up_decimal(radius), width)
+        what = f"token embeddings X [T x {width}], T <= {max_tokens},"
+        return cls(what, "seq-rms", _round_up_decimal(radius), width, max_tokens)
 
     @classmethod
     def whole_space(cls, what: str, width: int) -> Domain:
         return cls(f"{what} [{width}]", "l2", None, width)
 
     def shape(self, tokens: int) -> tuple[int, ...]:
-        """One input's shape: [tokens, d] for token embeddings, [D] for a flattened input."""
-        return (tokens, self.width) if self.norm == "seq-rms" else (self.width,)
+        """One input's shape: [T, d] with T = min(tokens, max_tokens) for token embeddings, [D] for a flat input."""
+        return (min(tokens, self.max_tokens), self.width) if self.norm == "seq-rms" else (self.width,)
 
     def sample(self, n: int, tokens: int, generator: torch.Generator) -> Tensor:
         """``n`` float64 points of the domain: tokens on the radius sphere (or standard normal when unbounded)."""
@@ -341,13 +343,14 @@ class Attention(nn.Module):
             v = self.v(x)
             y = (self.position_bias(x.shape[-2]).to(v.dtype).softmax(dim=-1) @ v).transpose(1, 2).reshape(x.shape)
             return self.o(y * self.out_scale)
-        q, k, v = self.rotary(self.q(x)), self.rotary(self.k(x)), self.v(x)
-        scale = self.softmax_scale / self.head_dim
+        # The scale is folded into q: SDPA's causal kernel returns NaN for a scale <= 0, a legal (if odd) model.
+        q = self.rotary(self.q(x)) * (self.softmax_scale / self.head_dim)
+        k, v = self.rotary(self.k(x)), self.v(x)
         if self.position_bias is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
         else:
             mask = self.position_bias(x.shape[-2]).to(q.dtype)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
         y = y.transpose(1, 2).reshape(x.shape)
         return self.o(y * self.out_scale)
 

@@ -20,8 +20,8 @@ Strategy, in float64 (pass a model converted with ``model.double()``):
    over x and y = x + s u, projecting onto the domain, keeping the best pair ever seen. Half the starts
    are far-apart pairs, half are close pairs at log-spaced distances s.
 2. Local estimate: at the best points found and at random points (shrunk into the interior by 0.99), a
-   generalized power method maximizes ``||J v|| / ||v||`` over directions v (jvp and vjp from
-   torch.func). For "l2" this is power iteration on J^T J: the exact local operator norm. For "seq-rms"
+   generalized power method maximizes ``||J v|| / ||v||`` over directions v (J v and J^T u by reverse
+   mode). For "l2" this is power iteration on J^T J: the exact local operator norm. For "seq-rms"
    it alternates g <- (subgradient of the chosen output row's norm at J v) and v <- (rows of J^T g, each
    scaled to unit RMS: the linear maximizer over the input ball), so no step lowers the ratio. Searches
    from pairs start along the pair and follow the largest output row; those from random points each
@@ -38,7 +38,6 @@ must treat its samples independently (as every lipcli model does).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import checkpoint
@@ -204,18 +202,17 @@ class _Search:
         geo, out = self.geo, self.out
         x = geo.interior(points.detach())
         v = geo.unit_rows(v.detach(), geo.unit_rows(torch.ones_like(v), v))
-        # The default CPU attention kernel has no forward-mode derivative; the math kernel does.
-        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
-            # torch's forward-mode setup scripts its decompositions with the deprecated torch.jit.script.
-            warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
-            fx, pullback = vjp(self.f, x)
+        # The fused CPU attention kernels have no double backward; the math kernel does.
+        with sdpa_kernel(SDPBackend.MATH):
+            linear = _Linearized(self.f, x)
+            fx = linear.fx.detach()
             self.evaluations += x.shape[0]
             out_rows = out.rows(fx).shape[1]
             cyclic = torch.arange(x.shape[0], device=x.device) % out_rows
             best = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
             best_v = v
             for _ in range(steps):
-                _, jv = jvp(self.f, (x,), (v,))
+                jv = linear.jvp(v)
                 self.evaluations += x.shape[0]
                 target = torch.where(free, out.row_norms(jv).argmax(dim=-1), cyclic)
                 rows = out.rows(jv) * torch.nn.functional.one_hot(target, out_rows).to(x.dtype).unsqueeze(-1)
@@ -225,7 +222,7 @@ class _Search:
                 best_v = torch.where(improved.view(-1, *[1] * len(geo.shape)), v, best_v)
                 # Subgradient of the selected row's norm; its linear maximizer over the ball is the next v.
                 cotangent = (rows / out.norm_of(rows).clamp_min(_TINY).view(-1, 1, 1)).reshape(fx.shape)
-                (pulled,) = pullback(cotangent)
+                pulled = linear.vjp(cotangent)
                 self.evaluations += x.shape[0]
                 v = geo.unit_rows(pulled.detach(), v)
         return self.confirm(best.detach(), x, best_v.detach())
@@ -239,6 +236,38 @@ class _Search:
         self.record(ratios, lo, hi)
         confirmed = ratios >= values * (1.0 - _FD_TOLERANCE)
         return torch.where(confirmed, values, torch.zeros_like(values)), x, v
+
+
+class _Linearized:
+    """J v and J^T u of f at x in reverse mode only: J v is the gradient in u of <J^T u, v> (a double backward).
+
+    On CPU this is many times faster than torch.func's forward mode, whose decompositions run op by op in Python.
+    """
+
+    def __init__(self, f: Callable[[Tensor], Tensor], x: Tensor) -> None:
+        self.x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            self.fx = f(self.x)
+            self.u = torch.zeros_like(self.fx, requires_grad=True)
+            # J^T u, built with its graph so that it can be differentiated in u; None when f ignores x.
+            self.pulled_u = self._grad(self.fx, self.x, self.u, create_graph=True)
+
+    @staticmethod
+    def _grad(output: Tensor, wrt: Tensor, cotangent: Tensor, create_graph: bool = False) -> Tensor | None:
+        if not output.requires_grad:
+            return None
+        (grad,) = torch.autograd.grad(
+            output, wrt, cotangent, retain_graph=True, create_graph=create_graph, allow_unused=True
+        )
+        return grad
+
+    def jvp(self, v: Tensor) -> Tensor:
+        grad = None if self.pulled_u is None else self._grad(self.pulled_u, self.u, v)
+        return torch.zeros_like(self.fx).detach() if grad is None else grad.detach()
+
+    def vjp(self, cotangent: Tensor) -> Tensor:
+        grad = self._grad(self.fx, self.x, cotangent)
+        return torch.zeros_like(self.x).detach() if grad is None else grad.detach()
 
 
 def _close_pairs(geo: _Geometry, x: Tensor, direction: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -330,7 +359,8 @@ def measure_sensitivity(
 def domain_sensitivity(f: Callable[[Tensor], Tensor], domain: Domain, tokens: int = 1, **search: Any) -> Sensitivity:
     """:func:`measure_sensitivity` on a certificate's own :class:`~lipcli.nn.Domain`: its norm pair and radius.
 
-    ``tokens`` sets the sequence length for token-embedding domains; an unbounded domain searches at scale 1.
+    ``tokens`` sets the sequence length for token-embedding domains (at most the domain's); an unbounded domain
+    searches at scale 1.
     """
     radius = domain.radius if domain.radius is not None else 1.0
     return measure_sensitivity(f, domain.shape(tokens), domain.norm, radius=radius, **search)
@@ -342,8 +372,7 @@ def model_sensitivity(model: torch.nn.Module, *, window: int = 32, **search: Any
     Sequence models are searched on windows of at most ``window`` tokens: the certificate holds for every
     length, and short windows search faster.
     """
-    tokens = min(getattr(model.config, "context", 1), window)
-    return domain_sensitivity(certified_map(model), model.domain(), tokens, **search)
+    return domain_sensitivity(certified_map(model), model.domain(), window, **search)
 
 
 def checkpoint_sensitivity(path: str | Path, *, steps: int = 150, restarts: int = 3, window: int = 32) -> float:
