@@ -13,6 +13,7 @@ from lipcli.cli import app
 from lipcli.constraints import CapContext, project
 from lipcli.errors import UserError
 from lipcli.models import build_model
+from lipcli.nn import Domain
 from lipcli.sensitivity import measure_sensitivity
 
 runner = CliRunner()
@@ -344,3 +345,24 @@ def test_a_path_with_brackets_is_printed_as_text(tmp_path):
     table = runner.invoke(app, ["certify", str(path)])
     assert table.exit_code == 0, table.output
     assert "m[1].safetensors" in table.stdout.replace("\n", "")
+
+
+def test_a_nan_scale_in_the_file_is_refused_in_one_line(tmp_path):
+    """Strict JSON stores a NaN final_scale as null: it used to certify -inf and pass every gate."""
+    path = _saved(tmp_path, _cap(_gpt(final_scale=math.nan), 1.0))
+    before = path.read_bytes()
+    assert "final_scale" in _cli_error([str(path), "--fail-above", "10"])
+    assert path.read_bytes() == before
+
+
+def test_domain_statement_projection_and_rounding():
+    domain = Domain.token_embeddings(16, 1.0000000596, max_tokens=6)
+    assert domain.radius == 1.00001 and "T <= 6" in domain.statement() and "RMS <= 1.00001" in domain.statement()
+    assert Domain.token_embeddings(16, 0.05, 6).radius >= 0.05
+    x = torch.randn(2, 5, 16, dtype=torch.float64) * 3
+    projected = domain.project(x)
+    assert float(projected.pow(2).mean(-1).sqrt().max()) <= domain.radius * (1 + 1e-15)
+    inside = x / x.pow(2).mean(-1, keepdim=True).sqrt() * 0.5
+    assert torch.equal(domain.project(inside), inside)
+    whole = build_model("lipschitz-mlp", {"input_dim": 6, "hidden": 8}).domain()
+    assert whole.radius is None and torch.equal(whole.project(x), x)
