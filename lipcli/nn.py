@@ -403,11 +403,11 @@ ACTIVATIONS = ("gelu", "groupsort")
 
 
 class MLP(nn.Module):
-    """W_out act(W_in x + b_in) + b_out with a 1-Lipschitz act: GeLU(g z) / (g 1.1289), or GroupSort.
+    """W_out act(W_in x + b_in) + b_out with a 1-Lipschitz act: GeLU(g z) / (g c), c = GELU_MAX_SLOPE, or GroupSort.
 
     GeLU's fixed gain g sets its operating point (small inputs see an almost linear GeLU) and cancels
     in every bound, so it is free; the function class equals caps (g, 1/g) on (W_in, W_out). GroupSort
-    is positively homogeneous (no gain) and keeps the norm that GeLU's 1/1.1289 and its flat side lose.
+    is positively homogeneous (no gain) and keeps the norm that GeLU's 1/c and its flat side lose.
     The optional biases move each unit's threshold: free in the Lipschitz bound, counted in the output norm.
     """
 
