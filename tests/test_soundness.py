@@ -27,7 +27,8 @@ from lipcli.models import build_model, config_dict
 from lipcli.nn import GELU_MAX_SLOPE
 from lipcli.sensitivity import model_sensitivity
 
-EXAMPLES = int(os.environ.get("LIPCLI_SOUNDNESS_EXAMPLES", "200"))
+# About 70% of the drawn examples are legal and get searched: 290 draws certify over 200 models.
+EXAMPLES = int(os.environ.get("LIPCLI_SOUNDNESS_EXAMPLES", "290"))
 # The search evaluates f in float64 on pairs as close as 1e-5 of the domain's scale: its ratios carry rounding
 # of about 1e-16 / 1e-5 relative, which a bound tight to the last digit (a linear model) may meet.
 MEASUREMENT_SLACK = 1e-9
@@ -76,12 +77,9 @@ class Example:
 
 
 def _scale(limit: float) -> st.SearchStrategy[float]:
-    """Any sign, exactly 0 now and then, magnitudes across decades."""
-    return st.one_of(
-        st.just(0.0),
-        st.floats(-limit, limit, allow_nan=False, allow_subnormal=False),
-        st.sampled_from([-1.0, 1.0, 1 / 3, -1 / 3]),
-    )
+    """Any sign, magnitudes across decades, exactly 0 now and then (about one draw in twelve)."""
+    floats = st.floats(-limit, limit, allow_nan=False, allow_subnormal=False)
+    return st.one_of(floats, floats, st.sampled_from([-1.0, 1.0, 1 / 3, -1 / 3, 0.0]), floats, floats)
 
 
 @st.composite
@@ -108,14 +106,8 @@ def gpt_examples(draw: st.DrawFn) -> Example:
         "group_size": 2,
         "seed": draw(st.integers(0, 2**16)),
     }
-    poison = draw(
-        st.one_of(
-            st.none(),
-            st.none(),
-            st.none(),
-            st.tuples(st.sampled_from(["final_scale", "softmax_scale", "weight"]), st.sampled_from(POISONS)),
-        )
-    )
+    where = ["final_scale", "softmax_scale", "weight"]
+    poison = draw(st.sampled_from([None] * 14 + [(w, v) for w in where for v in POISONS[:1]] + [("weight", "inf")]))
     return _finish(draw, "lipschitz-gpt", config, poison)
 
 
@@ -129,7 +121,7 @@ def mlp_examples(draw: st.DrawFn) -> Example:
         "final_scale": draw(_scale(10.0)),
         "seed": draw(st.integers(0, 2**16)),
     }
-    poison = draw(st.one_of(st.none(), st.none(), st.tuples(st.just("weight"), st.sampled_from(POISONS))))
+    poison = draw(st.sampled_from([None] * 8 + [("weight", value) for value in POISONS]))
     return _finish(draw, "lipschitz-mlp", config, poison)
 
 
