@@ -140,6 +140,10 @@ def _first_proved(gram: Tensor, estimate: float, gaps: tuple[float, ...] = _CAND
     return None
 
 
+# Largest entries in this range give a Gram far from float64's overflow and underflow thresholds.
+_SAFE_RANGE = (2.0**-300, 2.0**300)
+
+
 def _power_of_two_above(x: float) -> float:
     """The smallest power of two >= x > 0: dividing by it is exact (up to underflow) and keeps entries <= 1."""
     mantissa, exponent = math.frexp(x)
@@ -165,9 +169,9 @@ def certified_spectral_bound(weight: Tensor, iters: int | None = 8) -> Tensor:
     ulps) or Rayleigh-Ritz on ``iters`` power iterates of the smaller Gram G from a fixed start (cheaper, an
     under-estimate). mu = estimate x (1 + gap) is an upper bound exactly when mu I - G is positive
     semi-definite, which one Cholesky (n^3/3 flops) proves; the tightest passing gap is kept, and if none
-    passes the candidates start from eigvalsh's lambda_max instead. W is first divided by a power of two
-    >= max |W_ij| (exact), so G never overflows; forming G in float64 moves lambda_max by at most
-    gamma_k ||W||_F^2 (k its inner dimension), which is added, and so is what underflow can lose
+    passes the candidates start from eigvalsh's lambda_max instead. W with max |W_ij| outside 2^-300..2^300 is
+    first divided by a power of two >= it (exact), so G never overflows; forming G in float64 moves lambda_max
+    by at most gamma_k ||W||_F^2 (k its inner dimension), which is added, and so is what underflow can lose
     (k n 2^-1074); a final 1 + 1e-12 covers the scalar arithmetic. NaN or inf weights raise ArithmeticError.
     """
     w = weight.detach().to(torch.float64)
@@ -178,14 +182,15 @@ def certified_spectral_bound(weight: Tensor, iters: int | None = 8) -> Tensor:
     start = torch.randn(flat.shape[-1], generator=gen, dtype=torch.float64).to(w.device)
     bounds = []
     for matrix in flat:
-        largest = float(matrix.abs().max()) if matrix.numel() else 0.0
+        largest = float(torch.linalg.vector_norm(matrix, ord=math.inf)) if matrix.numel() else 0.0
         if not math.isfinite(largest):
             raise ArithmeticError("no certified spectral bound for a weight holding NaN or inf")
         if largest == 0.0:
             bounds.append(0.0)
             continue
-        scale = _power_of_two_above(largest)
-        scaled = matrix / scale
+        # Rescaled (a copy) only where the Gram could overflow or underflow badly: the usual weights are used as is.
+        scale = 1.0 if _SAFE_RANGE[0] <= largest <= _SAFE_RANGE[1] else _power_of_two_above(largest)
+        scaled = matrix if scale == 1.0 else matrix / scale
         gram = scaled.mT @ scaled
         trace = float(gram.diagonal().sum())  # ||W / scale||_F^2 up to rounding, at most k n
         lam = _first_proved(gram, _estimate(gram, start, iters), _CANDIDATE_GAPS if iters else _EXACT_GAPS)
