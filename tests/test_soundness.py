@@ -3,6 +3,7 @@ model with a UserError or proves a bound no adversarial search over input pairs 
 
 Random weights (not only trained ones) at any norm, scales of any sign (0 where legal), biases, position biases,
 GeLU or GroupSort, stored in float32, bfloat16 or float16, and now and then a NaN or inf somewhere.
+LIPCLI_SOUNDNESS_EXAMPLES overrides the number of draws.
 bench/soundness.py runs the same property on thousands of examples.
 """
 
