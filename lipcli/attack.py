@@ -13,8 +13,8 @@ reports, per eps, clean, attacked and certified accuracy and the size of the per
   in the certificate's norm, the max over positions of per-token RMS. ``linf``: every entry moves by at
   most ``eps``; ``l2``: the whole sequence moves by at most ``eps sqrt(d)`` in L2. Both sets lie in the
   certified ball of radius ``eps``. The attacked embeddings are then pulled back into the
-  certificate's domain (each token's RMS <= the largest row RMS of the stored embedding): a projection
-  onto a convex set holding the clean tokens, so no token moves further. A position is certified
+  certificate's domain (``model.domain()``, the one certify proves: each token's RMS <= its radius): a
+  projection onto a convex set holding the clean tokens, so no token moves further. A position is certified
   when it is correct and its margin is strictly above ``sqrt(2 V) L eps`` (the per-position RMS bound
   ``L eps`` in L2 over ``V`` logits). The baseline has no certificate, hence no domain: nothing is
   pulled back, and its certified accuracy is 0.
@@ -43,7 +43,8 @@ from . import checkpoint
 from .certification import certify
 from .data import DataError, load_image_splits
 from .errors import UserError
-from .models import LipschitzGPT, LipschitzMLP
+from .models import LipschitzMLP
+from .nn import Domain
 from .recall import IGNORE_INDEX, recorded_val_batches
 from .training import resolve_device
 
@@ -153,23 +154,20 @@ class _Pixels(nn.Module):
         return self.model(u.flatten(1))
 
 
-def _into_domain(e: Tensor, r0: float | None) -> Tensor:
-    """Scale down every token whose RMS exceeds ``r0``: the projection onto the certificate's domain (None: none)."""
-    if r0 is None:
-        return e
-    rms = e.pow(2).mean(dim=-1, keepdim=True).sqrt()
-    return e * (r0 / rms).clamp(max=1.0)
+def _into_domain(e: Tensor, domain: Domain | None) -> Tensor:
+    """The projection onto the certificate's domain (None: the model has no certificate, nothing to project onto)."""
+    return e if domain is None else domain.project(e)
 
 
 class _Embeddings(nn.Module):
     """Token embeddings e as a [0, 1] image u = 0.5 + (e - e0) / scale of shape (B, 1, T, d); logits (B, V, T)."""
 
-    def __init__(self, model: nn.Module, e0: Tensor, scale: float, r0: float | None) -> None:
+    def __init__(self, model: nn.Module, e0: Tensor, scale: float, domain: Domain | None) -> None:
         super().__init__()
-        self.model, self.e0, self.scale, self.r0 = model, e0, scale, r0
+        self.model, self.e0, self.scale, self.domain = model, e0, scale, domain
 
     def embeddings(self, u: Tensor) -> Tensor:
-        return _into_domain(self.e0 + self.scale * (u.squeeze(1) - 0.5), self.r0)
+        return _into_domain(self.e0 + self.scale * (u.squeeze(1) - 0.5), self.domain)
 
     def forward(self, u: Tensor) -> Tensor:
         return self.model.forward_embeddings(self.embeddings(u)).transpose(1, 2)
@@ -198,8 +196,8 @@ class _ImageBatch:
 class _SequenceBatch:
     """A batch of token sequences attacked in embedding space; the certificate's norm is max-over-positions RMS."""
 
-    def __init__(self, model: nn.Module, tokens: Tensor, y: Tensor, norm: str, r0: float | None) -> None:
-        self.model, self.norm, self.labels, self.r0 = model, norm, y, r0
+    def __init__(self, model: nn.Module, tokens: Tensor, y: Tensor, norm: str, domain: Domain | None) -> None:
+        self.model, self.norm, self.labels, self.domain = model, norm, y, domain
         self.e0 = model.embed(tokens).detach()
         self.u0 = torch.full_like(self.e0, 0.5).unsqueeze(1)
         self.d = self.e0.shape[-1]
@@ -208,7 +206,7 @@ class _SequenceBatch:
     def attacked(self, eps: float) -> tuple[nn.Module, float]:
         # c, the largest per-entry move the threat set allows, maps to 0.5: the ball fits the box, no clamp binds.
         c = eps if self.norm == "linf" else eps * math.sqrt(self.d)
-        return _Embeddings(self.model, self.e0, 2 * c, self.r0), 0.5
+        return _Embeddings(self.model, self.e0, 2 * c, self.domain), 0.5
 
     def norms(self, module: _Embeddings, u: Tensor) -> tuple[Tensor, Tensor]:
         """Per sequence: what the model saw move (certificate's norm) and what the attack moved (threat set's norm)."""
@@ -328,15 +326,16 @@ def _sequences(ckpt: checkpoint.Checkpoint, data: str | None, n: int) -> tuple[T
     return x, y, f"{source}, first {len(x)} validation windows of {x.shape[1]} tokens"
 
 
-def _descriptions(arch: str, norm: str, d: int) -> tuple[str, str]:
+def _descriptions(arch: str, norm: str, d: int, domain: Domain | None) -> tuple[str, str]:
     """(the certificate's norm, the threat set) in words."""
     if arch == LipschitzMLP.arch:
         if norm == "l2":
             return "L2 on the input pixels", "L2 ball of radius eps around the image, clamped to [0, 1]"
         return "L2 on the input pixels", f"Linf box eps around the image, clamped to [0, 1] (L2 radius eps*sqrt({d}))"
-    moved = "then each token pulled back to RMS <= the largest embedding row RMS (the certificate's domain)"
-    if arch != LipschitzGPT.arch:
+    if domain is None:
         moved = "no certificate domain to pull back into"
+    else:
+        moved = f"then pulled back into the certified domain ({domain.statement()})"
     if norm == "linf":
         return "max over positions of per-token RMS", f"every embedding entry moves by <= eps, {moved}"
     return "max over positions of per-token RMS", f"L2 ball of radius eps*sqrt({d}) over the sequence, {moved}"
@@ -384,9 +383,9 @@ def robustness(
         vocab = int(ckpt.model_config["vocab_size"])
         width, factor = int(ckpt.model_config["d_model"]), math.sqrt(2 * vocab)
         rule = f"margin > sqrt(2V) L radius (V = {vocab})"
-    # Only LipschitzGPT's certificate has a domain: token RMS <= the embedding's largest row RMS.
-    r0 = model.embed.max_row_rms() if ckpt.arch == LipschitzGPT.arch else None
-    certificate_norm, threat = _descriptions(ckpt.arch, norm, width)
+    # The certificate's own domain, the one certify proves (None: no certificate, nothing to pull back into).
+    domain = model.domain() if hasattr(model, "domain") else None
+    certificate_norm, threat = _descriptions(ckpt.arch, norm, width, domain)
     note = None if math.isfinite(log10_bound) else f"no certificate ({report_cert.unbounded_reason}): certified is 0"
     predictions = int((y != IGNORE_INDEX).sum())  # recall scores its answer positions only
     report = AttackReport(str(path), ckpt.arch, attack, norm, steps, alpha, restarts, len(y), predictions, log10_bound,
@@ -395,7 +394,7 @@ def robustness(
     chunk = CHUNK["images" if is_mlp else "sequences"]
     with torch.no_grad():
         batches = [
-            _ImageBatch(model, xb, yb, norm) if is_mlp else _SequenceBatch(model, xb, yb, norm, r0)
+            _ImageBatch(model, xb, yb, norm) if is_mlp else _SequenceBatch(model, xb, yb, norm, domain)
             for xb, yb in zip(x.split(chunk), y.split(chunk), strict=True)
         ]
     # The attacks draw from torch's global generator: seed a forked copy so callers' streams are untouched.

@@ -365,15 +365,14 @@ def certify_command(
     """Prove an upper bound on the model's Lipschitz constant from its stored weights (paper and tight)."""
     from .certification import certify
 
-    if power_iters is not None and power_iters < 1:
-        raise _fail("--power-iters must be >= 1", 2)
-    if fail_above is not None and fail_above <= 0:
-        raise _fail("--fail-above must be > 0", 2)
+    if fail_above is not None and not (math.isfinite(fail_above) and fail_above > 0):
+        raise _fail(f"--fail-above must be a finite number > 0, got {fail_above}", 2)
     try:
         report = certify(checkpoint_path, power_iters)
     except USER_ERRORS as exc:
         raise _fail(str(exc), 2) from None
-    failed = fail_above is not None and report.log10_bound > math.log10(fail_above)
+    # Compared in log space with 4 ulps to spare: rounding may fail a gate near its threshold, never pass one.
+    failed = fail_above is not None and (report.log10_bound + 4 * math.ulp(report.log10_bound) > math.log10(fail_above))
     if as_json:
         _print_json({**report.to_dict(), "fail_above": fail_above, "passed": not failed})
     else:
@@ -384,13 +383,14 @@ def certify_command(
 
 
 def _render_certificate(report) -> None:
-    table = Table(title=f"lipcli certify: {report.path}")
+    # Paths and names are printed as text, never read as rich markup (a path may hold [brackets]).
+    table = Table(title=escape(f"lipcli certify: {report.path}"))
     for column in ("module", "weight norms", "L paper", "L tight", "running paper", "running tight"):
         table.add_column(column, justify="left" if column in ("module", "weight norms") else "right")
     for row in report.rows:
         norms = " ".join(f"{k}={v:.3g}" for k, v in row.terms.items() if k.startswith("n"))
         table.add_row(
-            row.name,
+            escape(row.name),
             norms,
             _fmt_bound(row.log10_paper),
             _fmt_bound(row.log10_tight),
@@ -399,13 +399,22 @@ def _render_certificate(report) -> None:
         )
     stdout.print(table)
     if report.unbounded_reason:
-        stdout.print(f"[bold]unbounded:[/] {report.unbounded_reason}")
+        stdout.print(f"[bold]unbounded:[/] {escape(report.unbounded_reason)}")
     stdout.print(
         f"bound (tight): [bold]{_fmt_bound(report.log10_tight)}[/]   paper: {_fmt_bound(report.log10_paper)}   "
-        f"norm: {report.norm_pair}   norms: {report.norm_method}   {report.seconds:.2f} s"
+        f"norms: {escape(report.norm_method)}   {report.seconds:.2f} s"
     )
+    for label, text in (("domain", report.domain), ("norm", report.norm_pair), ("arithmetic", report.arithmetic)):
+        stdout.print(f"{label}: {escape(text)}", highlight=False, soft_wrap=True)
+    if report.low_precision:
+        stdout.print(
+            f"[yellow]warning:[/] weights stored in {report.stored_dtype}: the bound holds for exact arithmetic on "
+            f"them; a {report.stored_dtype} forward pass adds rounding noise beyond it",
+            highlight=False,
+            soft_wrap=True,
+        )
     for name, (recorded, measured) in report.disagreements.items():
-        stdout.print(f"[yellow]metadata disagrees:[/] {name} recorded {recorded:.6g}, measured {measured:.6g}")
+        stdout.print(f"[yellow]metadata disagrees:[/] {escape(name)} recorded {recorded:.6g}, measured {measured:.6g}")
 
 
 @app.command("activations")

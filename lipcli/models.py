@@ -22,6 +22,7 @@ from .nn import (
     Attention,
     Bias,
     Bound,
+    Domain,
     Embedding,
     HeadLinear,
     Linear,
@@ -234,18 +235,24 @@ class LipschitzGPT(nn.Module):
     def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
         return _collect_groups(self, caps, sigma_max, lr_mult)
 
+    def domain(self) -> Domain:
+        """Token embeddings of RMS <= 1, or <= the largest stored row's RMS (rounded up) when that is larger."""
+        c = self.config
+        return Domain.token_embeddings(c.d_model, max(1.0, self.embed.max_row_rms()), c.context)
+
     def bound(self, norm_of: NormOf, tight: bool = False) -> list[tuple[str, Bound]]:
-        """Per-module certificates in data order, for token embeddings of RMS <= the embedding's largest row."""
+        """Per-module certificates in data order, on :meth:`domain`; final_scale enters as |final_scale|."""
         rows: list[tuple[str, Bound]] = []
-        r = self.embed.max_row_rms()
-        rows.append(("embed", Bound(0.0, r, {"max_row_rms": r})))
+        r = self.domain().radius
+        assert r is not None, "a token-embedding domain is bounded"
+        rows.append(("embed", Bound(0.0, r, {"radius": r})))
         for i, block in enumerate(self.blocks):
             for name, module in (("attn", block.attn), ("mlp", block.mlp)):
                 b = module.bound(r, norm_of, tight)
                 rows.append((f"block{i}.{name}", b))
                 r = b.out_norm
         head = self.head.bound(r, norm_of, tight)
-        scale = self.config.final_scale
+        scale = abs(self.config.final_scale)
         out = head.out_norm * scale + bias_rms(self.logit_bias)
         rows.append(("head", Bound(head.log10_lipschitz + log10(scale), out, head.terms)))
         return rows
@@ -368,14 +375,19 @@ class LipschitzMLP(nn.Module):
     def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
         return _collect_groups(self, caps, sigma_max, lr_mult)
 
+    def domain(self) -> Domain:
+        return Domain.whole_space("flattened input pixels", self.config.input_dim)
+
     def bound(self, norm_of: NormOf, tight: bool = False) -> list[tuple[str, Bound]]:
-        """L2 -> L2: the product of spectral norms (RMS->RMS norm times sqrt(fan_out / fan_in)); ReLU is 1-Lipschitz."""
+        """L2 -> L2: the product of spectral norms (RMS->RMS norm times sqrt(fan_out / fan_in)); ReLU is 1-Lipschitz.
+
+        final_scale enters as |final_scale|."""
         rows = []
         for i, layer in enumerate(self.layers):
             n = float(norm_of(layer.weight))
             fan_out, fan_in = layer.weight.shape
             rows.append((f"layer{i}", Bound(log10(n * math.sqrt(fan_out / fan_in)), math.nan, {"norm": n})))
-        rows.append(("final_scale", Bound(log10(self.config.final_scale), math.nan, {})))
+        rows.append(("final_scale", Bound(log10(abs(self.config.final_scale)), math.nan, {})))
         return rows
 
 

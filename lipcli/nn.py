@@ -12,31 +12,139 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, Decimal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
-from .spectral import rms_scale
+from .spectral import certified_product_bound, rms_scale
 
 # RMS->RMS operator norm of each matrix in a [..., fan_out, fan_in] tensor (certify: exact, float64).
 NormOf = Callable[[Tensor], Tensor]
-GELU_MAX_SLOPE = 1.1289  # max of d/dx GeLU(x): dividing by it makes the activation 1-Lipschitz
+# max of d/dx GeLU(x) = Phi(sqrt 2) + e^-1 / sqrt(pi) = 1.128904145...: rounded UP, so that dividing by it
+# makes the activation 1-Lipschitz (tests/test_soundness.py recomputes the maximum independently).
+GELU_MAX_SLOPE = 1.12891
 ATTENTION_OUT_FACTOR = 1.0 / 3.0  # the reference architecture's 1/3 on the attention output (the default)
 
 
 def log10(x: float) -> float:
+    """log10 of a non-negative bound term; a NaN or negative term is a bug or an overflow, never a bound of 0."""
+    if math.isnan(x) or x < 0:
+        raise ArithmeticError(f"a bound term is {x!r}: overflow or a signed factor, no certificate")
     return math.log10(x) if x > 0 else -math.inf
+
+
+# Relative margin on every Bound: covers the few hundred float64 operations of a module's formula (each within
+# 2^-53 relative); log10's own rounding (<= 2 ulp) is covered by 4 ulp on top.
+ROUNDING_MARGIN = 1e-12
+
+
+def round_up_log10(value: float) -> float:
+    """``value`` (a computed log10) moved up past its rounding: the log10 of a bound that is still a bound."""
+    if not math.isfinite(value):
+        return value
+    return value + ROUNDING_MARGIN / math.log(10) + 4 * math.ulp(value)
 
 
 @dataclass
 class Bound:
-    """A module's certificate on inputs of RMS <= in_norm: log10 Lipschitz constant and output RMS bound."""
+    """A module's certificate on inputs of RMS <= in_norm: log10 Lipschitz constant and output RMS bound.
+
+    Both numbers are rounded up on construction by :data:`ROUNDING_MARGIN`, so the module's floating-point
+    arithmetic can only make them larger than the exact values; NaN is refused (it never bounds anything).
+    """
 
     log10_lipschitz: float
     out_norm: float
     terms: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.log10_lipschitz):
+            raise ArithmeticError("a Lipschitz bound came out NaN: overflow in the bound's arithmetic")
+        self.log10_lipschitz = round_up_log10(self.log10_lipschitz)
+        # out_norm is NaN only where a model has no output-norm bound (an MLP on an unbounded domain).
+        self.out_norm = self.out_norm * (1 + ROUNDING_MARGIN)
+
+
+NORMS = {
+    "seq-rms": "max over positions of per-token RMS (inputs and logits)",
+    "l2": "L2 of the flattened input and of the logits",
+}
+
+
+def _round_up_decimal(x: float, digits: int = 6) -> float:
+    """The smallest ``digits``-significant-digit decimal >= x, as a float >= x (round-to-nearest is monotone)."""
+    exact = Decimal(x)
+    quantum = Decimal(1).scaleb(exact.adjusted() - digits + 1)
+    return float((exact / quantum).to_integral_value(ROUND_CEILING) * quantum)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The inputs a certificate covers and the norm it measures them in: what certify proves and prints,
+    what sensitivity probes search and what attack projects onto. Each certified model owns one (``model.domain()``).
+
+    ``norm`` is a key of :data:`NORMS`: "seq-rms" for an input X [T, d] (every token's RMS at most ``radius``),
+    "l2" for a flattened input (``radius`` None: all of R^D).
+    """
+
+    input: str
+    norm: str
+    radius: float | None
+    width: int  # d for token embeddings (one input is [T, d]), D for a flattened input
+    max_tokens: int = 1  # the longest sequence the model takes (1 for a flattened input)
+
+    @classmethod
+    def token_embeddings(cls, width: int, radius: float, max_tokens: int) -> Domain:
+        """Token embeddings [T, d], T <= max_tokens, every token of RMS <= ``radius`` rounded up to a short decimal."""
+        if not (math.isfinite(radius) and radius > 0):
+            raise ArithmeticError(f"token-embedding domain radius {radius!r} is not a positive number")
+        what = f"token embeddings X [T x {width}], T <= {max_tokens},"
+        return cls(what, "seq-rms", _round_up_decimal(radius), width, max_tokens)
+
+    @classmethod
+    def whole_space(cls, what: str, width: int) -> Domain:
+        return cls(f"{what} [{width}]", "l2", None, width)
+
+    def shape(self, tokens: int) -> tuple[int, ...]:
+        """One input's shape: [T, d] with T = min(tokens, max_tokens) for token embeddings, [D] for a flat input."""
+        return (min(tokens, self.max_tokens), self.width) if self.norm == "seq-rms" else (self.width,)
+
+    def sample(self, n: int, tokens: int, generator: torch.Generator) -> Tensor:
+        """``n`` float64 points of the domain: tokens on the radius sphere (or standard normal when unbounded)."""
+        z = torch.randn((n, *self.shape(tokens)), generator=generator, dtype=torch.float64)
+        if self.radius is None:
+            return z
+        return z * (self.radius / z.pow(2).mean(dim=-1, keepdim=True).sqrt())
+
+    def statement(self) -> str:
+        """The domain in words, exactly as certified."""
+        if self.radius is None:
+            return f"{self.input}: any input (no limit)"
+        return f"{self.input} with every token's RMS <= {self.radius:.7g}"
+
+    @property
+    def norm_description(self) -> str:
+        return NORMS[self.norm]
+
+    def project(self, x: Tensor) -> Tensor:
+        """The nearest point of the domain: every token longer than ``radius`` scaled back onto it."""
+        if self.radius is None:
+            return x
+        return clip_token_rms(x, self.radius)
+
+
+def certified_map(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The function a model's certificate is about: token embeddings -> logits for a language model, else the model."""
+    return getattr(model, "forward_embeddings", model)
+
+
+def clip_token_rms(x: Tensor, radius: float) -> Tensor:
+    """Scale every token (last dimension) whose RMS exceeds ``radius`` back to ``radius``: a convex projection."""
+    rms = x.pow(2).mean(dim=-1, keepdim=True).sqrt()
+    return x * (radius / rms.clamp_min(1e-300)).clamp(max=1.0)
 
 
 class Linear(nn.Module):
@@ -143,8 +251,9 @@ class Embedding(nn.Module):
         return F.embedding(tokens, self.weight)
 
     def max_row_rms(self) -> float:
+        """The largest row RMS, rounded up past float64 rounding (1e-12 relative): an upper bound."""
         w = self.weight.detach().double()
-        return float(torch.linalg.vector_norm(w, dim=-1).max()) / math.sqrt(w.shape[-1])
+        return float(torch.linalg.vector_norm(w, dim=-1).max()) / math.sqrt(w.shape[-1]) * (1 + 1e-12)
 
 
 class Rotary(nn.Module):
@@ -280,10 +389,11 @@ class Attention(nn.Module):
     def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
         """Lipschitz constant and output norm on inputs whose tokens have RMS <= in_norm.
 
-        paper: c n_o (n_v + 2 n_v r^2 n_q n_k s), output c n_o n_v r with c = out_scale (1/3), with n_x the largest
-        per-head norm (softmax_scale on the query/key term only; the reference applies it to all).
+        paper: c n_o (n_v + 2 n_v r^2 n_q n_k s), output c n_o n_v r with c = |out_scale| (1/3), with n_x the
+        largest per-head norm (|softmax_scale| on the query/key term only; the reference applies it to all).
         tight: per-head value path c min(sum_h ||O_h V_h||, ||O|| sqrt(sum_h ||V_h||^2)) and per-head
-        query/key terms over the content heads only, combined the same way; see docs/certify.md.
+        query/key terms over the content heads only, combined the same way; see docs/certify.md. Both scales
+        enter as absolute values: x -> s f(x) has constant |s| Lip(f).
         """
         r, s, c, m = in_norm, abs(self.softmax_scale), abs(self.out_scale), self.content_heads
         n_v = norm_of(self.v.weight)
@@ -301,10 +411,9 @@ class Attention(nn.Module):
         sig_q, sig_k, sig_v = n_q / heads, n_k / heads, n_v / heads
         out_heads = self.o.weight.detach().to(n_v.dtype).view(-1, self.n_heads, self.head_dim).transpose(0, 1)
         sig_o_heads = norm_of(out_heads) * heads
-        # sigma(O_h V_h) = sigma(R_h V_h) for O_h = Q_h R_h (Q_h has orthonormal columns): a [d_h, d] matrix
-        # instead of a [d, d] one, which is most of the cost of certifying a large model.
-        r_heads = torch.linalg.qr(out_heads).R
-        sig_ov = norm_of(r_heads @ self.v.weight.detach().to(n_v.dtype)) / heads
+        # sigma(O_h V_h) through O_h's QR factor: a [d_h, d] matrix instead of a [d, d] one, which is most of the
+        # cost of certifying a large model; the product bound accounts for the QR's and the product's rounding.
+        sig_ov = certified_product_bound(out_heads, self.v.weight, sig_v, lambda w: norm_of(w) * rms_scale(w))
         value = c * min(float(sig_ov.sum()), n_o * float(sig_v.pow(2).sum().sqrt()))
         # Position heads' logits do not depend on the input: only the first m (content) heads have this term.
         per_head_qk = 2.0 * s * self.n_heads * sig_q * sig_k * sig_v[:m] * r**2
@@ -320,11 +429,11 @@ ACTIVATIONS = ("gelu", "groupsort")
 
 
 class MLP(nn.Module):
-    """W_out act(W_in x + b_in) + b_out with a 1-Lipschitz act: GeLU(g z) / (g 1.1289), or GroupSort.
+    """W_out act(W_in x + b_in) + b_out with a 1-Lipschitz act: GeLU(g z) / (g c), c = GELU_MAX_SLOPE, or GroupSort.
 
     GeLU's fixed gain g sets its operating point (small inputs see an almost linear GeLU) and cancels
     in every bound, so it is free; the function class equals caps (g, 1/g) on (W_in, W_out). GroupSort
-    is positively homogeneous (no gain) and keeps the norm that GeLU's 1/1.1289 and its flat side lose.
+    is positively homogeneous (no gain) and keeps the norm that GeLU's 1/c and its flat side lose.
     The optional biases move each unit's threshold: free in the Lipschitz bound, counted in the output norm.
     """
 

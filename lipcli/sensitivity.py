@@ -8,8 +8,9 @@ Norm pairs (the certificate's), for one input of shape ``shape``:
 
 - ``"seq-rms"`` (sequence models, X of shape [T, d] -> logits [T, V]): ``||X|| = max_t ||x_t||_2 / sqrt(d)``,
   the largest per-position RMS, and likewise ``||Y|| = max_t ||y_t||_2 / sqrt(V)`` on the output. Domain:
-  every row of X has RMS <= ``radius`` (the embeddings are capped at unit RMS); both points of every pair
-  stay inside it (rows are projected back onto the sphere after each ascent step).
+  every row of X has RMS <= ``radius``; both points of every pair stay inside it (rows are projected back
+  onto the sphere after each ascent step). :func:`model_sensitivity` takes norm and radius from the
+  model's certified :class:`~lipcli.nn.Domain`, so the search covers exactly what certify proves.
 - ``"l2"`` (the MLP, any input shape): the L2 norm of the flattened input and output. The domain is
   unconstrained, or the box [lo, hi]^D with ``box=(lo, hi)``; ``radius`` then only sets the scale of starts.
 
@@ -19,8 +20,8 @@ Strategy, in float64 (pass a model converted with ``model.double()``):
    over x and y = x + s u, projecting onto the domain, keeping the best pair ever seen. Half the starts
    are far-apart pairs, half are close pairs at log-spaced distances s.
 2. Local estimate: at the best points found and at random points (shrunk into the interior by 0.99), a
-   generalized power method maximizes ``||J v|| / ||v||`` over directions v (jvp and vjp from
-   torch.func). For "l2" this is power iteration on J^T J: the exact local operator norm. For "seq-rms"
+   generalized power method maximizes ``||J v|| / ||v||`` over directions v (J v and J^T u by reverse
+   mode). For "l2" this is power iteration on J^T J: the exact local operator norm. For "seq-rms"
    it alternates g <- (subgradient of the chosen output row's norm at J v) and v <- (rows of J^T g, each
    scaled to unit RMS: the linear maximizer over the input ball), so no step lowers the ratio. Searches
    from pairs start along the pair and follow the largest output row; those from random points each
@@ -37,17 +38,17 @@ must treat its samples independently (as every lipcli model does).
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import checkpoint
+from .nn import Domain, certified_map, clip_token_rms
 
 NORMS = ("seq-rms", "l2")
 _TINY = 1e-300  # keeps log() and divisions finite when f is constant
@@ -101,8 +102,7 @@ class _Geometry:
 
     def project(self, z: Tensor) -> Tensor:
         if self.norm == "seq-rms":
-            shrink = (self.radius / self.row_norms(z).clamp_min(_TINY)).clamp(max=1.0)
-            z = z * shrink.unsqueeze(-1)
+            z = clip_token_rms(z, self.radius)  # the same projection as the certificate's Domain
         return z.clamp(*self.box) if self.box is not None else z
 
     def interior(self, z: Tensor) -> Tensor:
@@ -202,18 +202,17 @@ class _Search:
         geo, out = self.geo, self.out
         x = geo.interior(points.detach())
         v = geo.unit_rows(v.detach(), geo.unit_rows(torch.ones_like(v), v))
-        # The default CPU attention kernel has no forward-mode derivative; the math kernel does.
-        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
-            # torch's forward-mode setup scripts its decompositions with the deprecated torch.jit.script.
-            warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning)
-            fx, pullback = vjp(self.f, x)
+        # The fused CPU attention kernels have no double backward; the math kernel does.
+        with sdpa_kernel(SDPBackend.MATH):
+            linear = _Linearized(self.f, x)
+            fx = linear.fx.detach()
             self.evaluations += x.shape[0]
             out_rows = out.rows(fx).shape[1]
             cyclic = torch.arange(x.shape[0], device=x.device) % out_rows
             best = torch.full((x.shape[0],), -math.inf, dtype=x.dtype, device=x.device)
             best_v = v
             for _ in range(steps):
-                _, jv = jvp(self.f, (x,), (v,))
+                jv = linear.jvp(v)
                 self.evaluations += x.shape[0]
                 target = torch.where(free, out.row_norms(jv).argmax(dim=-1), cyclic)
                 rows = out.rows(jv) * torch.nn.functional.one_hot(target, out_rows).to(x.dtype).unsqueeze(-1)
@@ -223,7 +222,7 @@ class _Search:
                 best_v = torch.where(improved.view(-1, *[1] * len(geo.shape)), v, best_v)
                 # Subgradient of the selected row's norm; its linear maximizer over the ball is the next v.
                 cotangent = (rows / out.norm_of(rows).clamp_min(_TINY).view(-1, 1, 1)).reshape(fx.shape)
-                (pulled,) = pullback(cotangent)
+                pulled = linear.vjp(cotangent)
                 self.evaluations += x.shape[0]
                 v = geo.unit_rows(pulled.detach(), v)
         return self.confirm(best.detach(), x, best_v.detach())
@@ -237,6 +236,38 @@ class _Search:
         self.record(ratios, lo, hi)
         confirmed = ratios >= values * (1.0 - _FD_TOLERANCE)
         return torch.where(confirmed, values, torch.zeros_like(values)), x, v
+
+
+class _Linearized:
+    """J v and J^T u of f at x in reverse mode only: J v is the gradient in u of <J^T u, v> (a double backward).
+
+    On CPU this is many times faster than torch.func's forward mode, whose decompositions run op by op in Python.
+    """
+
+    def __init__(self, f: Callable[[Tensor], Tensor], x: Tensor) -> None:
+        self.x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            self.fx = f(self.x)
+            self.u = torch.zeros_like(self.fx, requires_grad=True)
+            # J^T u, built with its graph so that it can be differentiated in u; None when f ignores x.
+            self.pulled_u = self._grad(self.fx, self.x, self.u, create_graph=True)
+
+    @staticmethod
+    def _grad(output: Tensor, wrt: Tensor, cotangent: Tensor, create_graph: bool = False) -> Tensor | None:
+        if not output.requires_grad:
+            return None
+        (grad,) = torch.autograd.grad(
+            output, wrt, cotangent, retain_graph=True, create_graph=create_graph, allow_unused=True
+        )
+        return grad
+
+    def jvp(self, v: Tensor) -> Tensor:
+        grad = None if self.pulled_u is None else self._grad(self.pulled_u, self.u, v)
+        return torch.zeros_like(self.fx).detach() if grad is None else grad.detach()
+
+    def vjp(self, cotangent: Tensor) -> Tensor:
+        grad = self._grad(self.fx, self.x, cotangent)
+        return torch.zeros_like(self.x).detach() if grad is None else grad.detach()
 
 
 def _close_pairs(geo: _Geometry, x: Tensor, direction: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -325,19 +356,26 @@ def measure_sensitivity(
     )
 
 
-def checkpoint_sensitivity(path: str | Path, *, steps: int = 150, restarts: int = 3, window: int = 32) -> float:
-    """The measured lower bound on a checkpoint's Lipschitz constant, in the norm pair its certificate uses.
+def domain_sensitivity(f: Callable[[Tensor], Tensor], domain: Domain, tokens: int = 1, **search: Any) -> Sensitivity:
+    """:func:`measure_sensitivity` on a certificate's own :class:`~lipcli.nn.Domain`: its norm pair and radius.
+
+    ``tokens`` sets the sequence length for token-embedding domains (at most the domain's); an unbounded domain
+    searches at scale 1.
+    """
+    radius = domain.radius if domain.radius is not None else 1.0
+    return measure_sensitivity(f, domain.shape(tokens), domain.norm, radius=radius, **search)
+
+
+def model_sensitivity(model: torch.nn.Module, *, window: int = 32, **search: Any) -> Sensitivity:
+    """The measured sensitivity of a float64 certified model on ``model.domain()``, in its certificate's norm pair.
 
     Sequence models are searched on windows of at most ``window`` tokens: the certificate holds for every
     length, and short windows search faster.
     """
+    return domain_sensitivity(certified_map(model), model.domain(), window, **search)
+
+
+def checkpoint_sensitivity(path: str | Path, *, steps: int = 150, restarts: int = 3, window: int = 32) -> float:
+    """The measured lower bound on a checkpoint's Lipschitz constant, on its certificate's domain and norm pair."""
     model = checkpoint.load(path).model.double()
-    if model.arch == "lipschitz-mlp":
-        result = measure_sensitivity(model, (model.config.input_dim,), "l2", restarts=restarts, steps=steps, batch=8)
-    else:
-        shape = (min(model.config.context, window), model.config.d_model)
-        radius = float(model.embed.weight.detach().pow(2).mean(-1).sqrt().max())
-        result = measure_sensitivity(
-            model.forward_embeddings, shape, "seq-rms", radius=radius, restarts=restarts, steps=steps, batch=8
-        )
-    return result.lower_bound
+    return model_sensitivity(model, window=window, restarts=restarts, steps=steps, batch=8).lower_bound

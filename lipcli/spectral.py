@@ -7,6 +7,7 @@ paper's w_max convention). :func:`rms_scale` is the only place that factor is wr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -102,6 +103,8 @@ def power_iteration(weight: Tensor, v: Tensor | None = None, iters: int = 8) -> 
 _U64 = 2.0**-53
 # Candidate gaps above power iteration's estimate, tightest first: each costs one Cholesky (n^3/3 flops).
 _CANDIDATE_GAPS = (1e-9, 1e-6, 1e-4, 1e-3, 1e-2, 1e-1)
+# eigvalsh's lambda_max is off by a few ulps at most (times n): far smaller gaps usually pass first.
+_EXACT_GAPS = (1e-12, 1e-10) + _CANDIDATE_GAPS
 
 
 def _gamma(n: int) -> float:
@@ -128,8 +131,8 @@ def _proved_top_eigenvalue_bound(gram: Tensor, mu: float) -> float | None:
     return mu + g * trace / (1 - g) + diagonal_rounding
 
 
-def _first_proved(gram: Tensor, estimate: float) -> float | None:
-    for gap in _CANDIDATE_GAPS:
+def _first_proved(gram: Tensor, estimate: float, gaps: tuple[float, ...] = _CANDIDATE_GAPS) -> float | None:
+    for gap in gaps:
         # The floor keeps mu I - G positive definite for an all-zero matrix.
         proved = _proved_top_eigenvalue_bound(gram, estimate * (1 + gap) + 1e-300)
         if proved is not None:
@@ -137,15 +140,39 @@ def _first_proved(gram: Tensor, estimate: float) -> float | None:
     return None
 
 
-def certified_spectral_bound(weight: Tensor, iters: int = 8) -> Tensor:
-    """A proved upper bound on sigma_1 per matrix: power iteration's estimate, confirmed by a Cholesky.
+# Largest entries in this range give a Gram far from float64's overflow and underflow thresholds.
+_SAFE_RANGE = (2.0**-300, 2.0**300)
 
-    Power iteration on the smaller Gram G (``iters`` steps from a fixed start, then Rayleigh-Ritz on the
-    iterates) under-estimates lambda_max; mu = estimate x (1 + gap) is an upper bound exactly when mu I - G
-    is positive semi-definite, which one Cholesky (n^3/3 flops, ~8x cheaper than eigvalsh) proves. The
-    tightest passing gap is kept; if none passes, the candidates start from eigvalsh's lambda_max instead.
-    Forming G in float64 moves lambda_max by at most gamma_k ||W||_F^2 (k its inner dimension), which is
-    added; 1e-12 covers the scalar arithmetic.
+
+def _power_of_two_above(x: float) -> float:
+    """The smallest power of two >= x > 0: dividing by it is exact (up to underflow) and keeps entries <= 1."""
+    mantissa, exponent = math.frexp(x)
+    return math.ldexp(1.0, exponent - 1 if mantissa == 0.5 else exponent)
+
+
+def _estimate(gram: Tensor, start: Tensor, iters: int | None) -> float:
+    """lambda_max(gram) from below-ish: eigvalsh (``iters`` None), or Rayleigh-Ritz on ``iters`` power iterates."""
+    if iters is None:
+        return float(torch.linalg.eigvalsh(gram)[-1])
+    iterates = [start]
+    for _ in range(iters):
+        iterates.append(F.normalize(gram @ iterates[-1], dim=0))
+    # Rayleigh-Ritz on all the iterates (the Krylov space) estimates far better than the last one alone.
+    krylov = torch.linalg.qr(torch.stack(iterates, dim=1)).Q
+    return float(torch.linalg.eigvalsh(krylov.mT @ gram @ krylov)[-1])
+
+
+def certified_spectral_bound(weight: Tensor, iters: int | None = 8) -> Tensor:
+    """A proved upper bound on sigma_1 per matrix: an estimate of lambda_max(W^T W), confirmed by a Cholesky.
+
+    The estimate is eigvalsh's lambda_max (``iters`` None: "exact" mode, which alone can undershoot by a few
+    ulps) or Rayleigh-Ritz on ``iters`` power iterates of the smaller Gram G from a fixed start (cheaper, an
+    under-estimate). mu = estimate x (1 + gap) is an upper bound exactly when mu I - G is positive
+    semi-definite, which one Cholesky (n^3/3 flops) proves; the tightest passing gap is kept, and if none
+    passes the candidates start from eigvalsh's lambda_max instead. W with max |W_ij| outside 2^-300..2^300 is
+    first divided by a power of two >= it (exact), so G never overflows; forming G in float64 moves lambda_max
+    by at most gamma_k ||W||_F^2 (k its inner dimension), which is added, and so is what underflow can lose
+    (k n 2^-1074); a final 1 + 1e-12 covers the scalar arithmetic. NaN or inf weights raise ArithmeticError.
     """
     w = weight.detach().to(torch.float64)
     if w.shape[-2] < w.shape[-1]:
@@ -155,22 +182,57 @@ def certified_spectral_bound(weight: Tensor, iters: int = 8) -> Tensor:
     start = torch.randn(flat.shape[-1], generator=gen, dtype=torch.float64).to(w.device)
     bounds = []
     for matrix in flat:
-        gram = matrix.mT @ matrix
-        trace = float(gram.diagonal().sum())  # ||W||_F^2 up to rounding; NaN or inf when any entry is
-        if not math.isfinite(trace):
-            raise ArithmeticError("no certified spectral bound for a weight holding NaN or inf, or overflowing")
-        iterates = [start]
-        for _ in range(iters):
-            iterates.append(F.normalize(gram @ iterates[-1], dim=0))
-        # Rayleigh-Ritz on all the iterates (the Krylov space) estimates far better than the last one alone.
-        krylov = torch.linalg.qr(torch.stack(iterates, dim=1)).Q
-        lam = _first_proved(gram, float(torch.linalg.eigvalsh(krylov.mT @ gram @ krylov)[-1]))
-        if lam is None:  # power iteration had not converged: start from the exact top eigenvalue instead
-            lam = _first_proved(gram, float(torch.linalg.eigvalsh(gram)[-1]))
+        largest = float(torch.linalg.vector_norm(matrix, ord=math.inf)) if matrix.numel() else 0.0
+        if not math.isfinite(largest):
+            raise ArithmeticError("no certified spectral bound for a weight holding NaN or inf")
+        if largest == 0.0:
+            bounds.append(0.0)
+            continue
+        # Rescaled (a copy) only where the Gram could overflow or underflow badly: the usual weights are used as is.
+        scale = 1.0 if _SAFE_RANGE[0] <= largest <= _SAFE_RANGE[1] else _power_of_two_above(largest)
+        scaled = matrix if scale == 1.0 else matrix / scale
+        gram = scaled.mT @ scaled
+        trace = float(gram.diagonal().sum())  # ||W / scale||_F^2 up to rounding, at most k n
+        lam = _first_proved(gram, _estimate(gram, start, iters), _CANDIDATE_GAPS if iters else _EXACT_GAPS)
+        if lam is None and iters is not None:  # power iteration had not converged: start from eigvalsh instead
+            lam = _first_proved(gram, _estimate(gram, start, None), _EXACT_GAPS)
         if lam is None:
-            raise ArithmeticError("no certified spectral bound: the weight's Gram matrix overflows float64")
+            raise ArithmeticError("no certified spectral bound: no candidate above eigvalsh's value was proved")
         # |G_computed - G| <= gamma_k |W|^T|W| entrywise, whose norm is at most ||W||_F^2 <= trace / (1 - gamma_k).
-        k = _gamma(matrix.shape[-2])
-        gram_rounding = k * trace * (1 + _gamma(matrix.shape[-1])) / (1 - k)
-        bounds.append(math.sqrt(lam + gram_rounding) * (1 + 1e-12))
+        k, n = matrix.shape[-2], matrix.shape[-1]
+        gram_rounding = _gamma(k) * trace * (1 + _gamma(n)) / (1 - _gamma(k)) + k * n * 2.0**-1074
+        bounds.append(math.sqrt(lam + gram_rounding) * (1 + 1e-12) * scale)
     return torch.tensor(bounds, dtype=torch.float64, device=w.device).reshape(w.shape[:-2])
+
+
+def _frobenius_up(x: Tensor) -> float:
+    """||x||_F rounded up past the float64 rounding of its sum of squares."""
+    return math.sqrt(float(x.pow(2).sum()) * (1 + _gamma(x.numel() + 1))) * (1 + 4 * _U64)
+
+
+def certified_product_bound(
+    left: Tensor, right: Tensor, sigma_right: Tensor, sigma_of: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """A proved upper bound on sigma_1(L_h R_h) per batch entry, for L [..., m, k] (m >= k) and R [..., k, n].
+
+    sigma(L R) = sigma(T R) for the QR factor T of L = Q T: a [k, n] product instead of an [m, n] one. The
+    float64 QR is not trusted. With E = T^T T - L^T L, sigma(L R)^2 = lambda_max(R^T (T^T T - E) R)
+    <= sigma(T R)^2 + ||E|| sigma(R)^2, where ||E|| <= ||fl(E)||_F plus the rounding of forming both Grams
+    (gamma ||T||_F^2 and gamma ||L||_F^2) and their difference; and sigma(T R) <= sigma(fl(T R)) plus
+    gamma_k ||T||_F ||R||_F, the rounding of the product. ``sigma_right`` (per entry) and ``sigma_of`` must be
+    proved upper bounds on spectral norms.
+    """
+    left, right = left.detach().to(torch.float64), right.detach().to(torch.float64)
+    k = left.shape[-1]
+    factor = torch.linalg.qr(left).R
+    product = factor @ right
+    sigma_product = sigma_of(product)
+    bounds = []
+    for i, (t, l_h, r_h) in enumerate(zip(factor.reshape(-1, k, k), left.reshape(-1, *left.shape[-2:]),
+                                          right.reshape(-1, *right.shape[-2:]), strict=True)):  # fmt: skip
+        t_f, l_f, r_f = _frobenius_up(t), _frobenius_up(l_h), _frobenius_up(r_h)
+        residual = _frobenius_up(t.mT @ t - l_h.mT @ l_h) * (1 + 2 * _U64)
+        residual += _gamma(k) * t_f**2 + _gamma(l_h.shape[-2]) * l_f**2
+        tr = float(sigma_product.reshape(-1)[i]) + _gamma(k) * t_f * r_f
+        bounds.append(math.sqrt(tr**2 + residual * float(sigma_right.reshape(-1)[i]) ** 2) * (1 + 1e-12))
+    return torch.tensor(bounds, dtype=torch.float64, device=left.device).reshape(left.shape[:-2])

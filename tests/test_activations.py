@@ -13,6 +13,7 @@ from lipcli.checkpoint import load, save
 from lipcli.cli import app
 from lipcli.data import CharTokenizer, load_text_splits, resolve_text, val_batches
 from lipcli.models import build_model
+from lipcli.nn import GELU_MAX_SLOPE
 
 TINY = {"vocab_size": 65, "d_model": 16, "n_layers": 2, "n_heads": 2, "context": 16, "zero_init": False}
 TRAIN_CONFIG = {"data": "tinyshakespeare", "tokenizer": "char", "val_fraction": 0.1}
@@ -90,7 +91,7 @@ def _lipschitz_forward(model, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         sites[p + "attn_out"] = (y / 3.0) @ attn.o.weight.T
         x = (1 - a) * x + a * sites[p + "attn_out"]
         sites[p + "mlp_pre"] = x @ mlp.fc_in.weight.T
-        sites[p + "mlp_post"] = F.gelu(sites[p + "mlp_pre"]) / 1.1289
+        sites[p + "mlp_post"] = F.gelu(sites[p + "mlp_pre"]) / GELU_MAX_SLOPE
         x = (1 - a) * x + a * (sites[p + "mlp_post"] @ mlp.fc_out.weight.T)
         sites[p + "residual"] = x
     sites["logits"] = c.final_scale * x @ model.head.weight.T

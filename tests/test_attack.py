@@ -89,10 +89,10 @@ def test_embedding_attack_spends_exactly_its_budget(models, arch, norm):
     ckpt = load(models[arch])
     model = ckpt.model.eval().requires_grad_(False)
     tokens = torch.randint(0, ckpt.model_config["vocab_size"], (3, 16), generator=torch.Generator().manual_seed(0))
-    r0 = model.embed.max_row_rms() if arch == "gpt" else None
+    domain = model.domain() if arch == "gpt" else None
     eps, d = 0.05, ckpt.model_config["d_model"]
     with torch.no_grad():
-        batch = _SequenceBatch(model, tokens[:, :-1], tokens[:, 1:], norm, r0)
+        batch = _SequenceBatch(model, tokens[:, :-1], tokens[:, 1:], norm, domain)
     module, eps_u = batch.attacked(eps)
     u = _make_attack(module, "pgd", norm, eps_u, 2.5 * eps_u / 10, 10, 1, 0)(batch.u0, batch.labels)
     assert u.shape == (3, 1, 15, d) and module(u).shape == (3, ckpt.model_config["vocab_size"], 15)
@@ -103,12 +103,14 @@ def test_embedding_attack_spends_exactly_its_budget(models, arch, norm):
     seq_rms = fed.pow(2).mean(dim=-1).sqrt().amax(dim=-1)
     assert torch.equal(moved, seq_rms) and float(seq_rms.max()) <= eps * (1 + 1e-5)
     assert float(seq_rms.min()) > 0.2 * eps
-    if r0 is None:  # nothing pulled back: the threat set's own norm, measured on what the model sees
+    if domain is None:  # nothing pulled back: the threat set's own norm, measured on what the model sees
         flat = fed.flatten(1)
         measured = flat.abs().amax(dim=1) if norm == "linf" else flat.norm(dim=1) / math.sqrt(d)
         torch.testing.assert_close(measured, torch.full((3,), eps), rtol=1e-4, atol=0)
     else:  # pulled back into the certificate's domain
-        assert float(module.embeddings(u).pow(2).mean(dim=-1).sqrt().max()) <= r0 * (1 + 1e-6)
+        assert float(module.embeddings(u).pow(2).mean(dim=-1).sqrt().max()) <= domain.radius * (
+            1 + 1e-6
+        )  # float32 projection
 
 
 def test_language_model_certified_positions_match_an_independent_count(models):
@@ -222,3 +224,9 @@ def test_cli_errors_are_one_line_exit_2(models, tmp_path):
         result = runner.invoke(app, ["attack", *args, "--device", "cpu"])
         assert result.exit_code == 2, (args, result.output)
         assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_attack_pulls_back_into_the_domain_certify_proves(models):
+    """One domain object: the threat set names exactly the statement certify prints."""
+    report = robustness(models["gpt"], [0.01], norm="linf", n=2, steps=2, **CPU)
+    assert certify(models["gpt"]).domain in report.threat

@@ -107,7 +107,7 @@ def test_gpt_bound_rows_follow_the_papers_formula():
     a = 1.0 / (2 * CFG.n_layers)
     attn = model.blocks[0].attn.inner
     nq, nk, nv, no = (_largest(m.weight) for m in (attn.q, attn.k, attn.v, attn.o))
-    r = model.embed.max_row_rms()
+    r = model.domain().radius  # the certified domain: RMS <= max(1, largest embedding row), rounded up
     l_att = no * 0.5 * (nv + 2 * nv * r**2 * nq * nk * 2.0)
     assert rows["block0.attn"].log10_lipschitz == pytest.approx(math.log10(1 - a + a * l_att))
     assert rows["block0.attn"].out_norm == pytest.approx((1 - a) * r + a * no * nv * 0.5 * r)

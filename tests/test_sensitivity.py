@@ -99,3 +99,16 @@ def test_checkpoint_sensitivity_searches_the_certificates_norm_pair(tmp_path, ar
     measured = checkpoint_sensitivity(path, steps=30, restarts=1)
     bound = 10 ** certify(path).log10_bound
     assert bound / 100 < measured <= bound
+
+
+def test_model_sensitivity_searches_the_certified_domain_not_the_embeddings_span():
+    """Embedding rows of RMS 0.05 must not shrink the search: certify proves RMS <= 1, so that is searched."""
+    from lipcli.sensitivity import model_sensitivity
+
+    model = build_model("lipschitz-gpt", {**TINY_GPT, "softmax_scale": 4.0}).double()
+    with torch.no_grad():
+        model.embed.weight.mul_(0.05)
+    result = model_sensitivity(model, window=8, **FAST)
+    rms = torch.stack([result.x, result.y]).pow(2).mean(-1).sqrt()
+    assert model.domain().radius == 1.0
+    assert 0.5 < float(rms.max()) <= 1.0 + 1e-12

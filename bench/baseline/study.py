@@ -53,9 +53,10 @@ def report() -> str:
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in sorted(rows, key=lambda r: (r["preset"], -r["val_acc"])):
         s = r.get("settings", {})
+        warmup = s.get("train.warmup", load_preset(r["preset"]).train.warmup)
         lines.append(
             f"| {r['name']} | {r['preset']} | {s.get('train.lr', '')} | {s.get('train.adamw_lr', '')} | "
-            f"{s.get('train.warmup', load_preset(r['preset']).train.warmup)} | {100 * r['val_acc']:.2f}% | {r['val_loss']:.3f} | "
+            f"{warmup} | {100 * r['val_acc']:.2f}% | {r['val_loss']:.3f} | "
             f"{r['max_activation']:.4g} | {r['wall_s']:.0f} |"
         )
     # Every run's validation accuracy by step, screens stopped early (behind a finished point) included.
