@@ -389,7 +389,7 @@ def _run_serial(points: list[Point], out_dir: Path, emit: EventHandler) -> tuple
         except KeyboardInterrupt:
             raise _interrupted(out_dir) from None
         except Exception as exc:
-            # train() turns Ctrl-C into a TrainingError; its context still says so.
+            # A Ctrl-C that surfaced as another error (raised while handling it) still stops the sweep.
             if isinstance(exc.__context__, KeyboardInterrupt):
                 raise _interrupted(out_dir) from None
             failed.append(_failure(point, exc, emit))

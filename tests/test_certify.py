@@ -353,7 +353,9 @@ def test_a_path_with_brackets_is_printed_as_text(tmp_path):
 
 def test_a_nan_scale_in_the_file_is_refused_in_one_line(tmp_path):
     """Strict JSON stores a NaN final_scale as null: it used to certify -inf and pass every gate."""
-    path = _saved(tmp_path, _cap(_gpt(final_scale=math.nan), 1.0))
+    model = _cap(_gpt(), 1.0)
+    model.config.final_scale = math.nan  # past build_model's own check, as a hand-edited file would be
+    path = _saved(tmp_path, model)
     before = path.read_bytes()
     assert "final_scale" in _cli_error([str(path), "--fail-above", "10"])
     assert path.read_bytes() == before

@@ -41,7 +41,8 @@ def test_softcap_run_keeps_every_matrix_capped_at_every_eval(tmp_path):
     ckpt = checkpoint.load(result.checkpoint)
     assert float(ckpt.model.embed.weight.detach().pow(2).mean(dim=-1).sqrt().max()) <= 1 + 1e-5
     matrices = weight_matrices(ckpt.model)
-    assert len(matrices) == 1 + 6 * ckpt.model.config.n_layers  # head; q, k, v, o, fc_in, fc_out per block
+    # head; v, o, fc_in, fc_out per block: the default's heads attend by position only, so they have no q or k
+    assert len(matrices) == 1 + 4 * ckpt.model.config.n_layers
     for w in matrices:
         assert float(rms_norm_exact(w).max()) <= 1.0 * (1 + 1e-3)
     assert ckpt.step == 6 and ckpt.train_config["method"] == "softcap"
@@ -54,7 +55,8 @@ def test_loss_falls_below_the_unigram_entropy_on_real_text(tmp_path):
     text = (SHARED_DATA / "tinyshakespeare.txt").read_text()
     counts = torch.tensor(list(Counter(text).values()), dtype=torch.float64)
     unigram = float(-(counts / counts.sum() * (counts / counts.sum()).log()).sum())  # 3.31 nats; chance is 4.17
-    result = train(tiny_preset(**{"train.steps": 60, "train.eval_every": 60}), tmp_path / "m.safetensors")
+    # 100 steps: at 60 the tiny default sits at the unigram level on some seeds (3.34 / 3.56 for seeds 0 / 1).
+    result = train(tiny_preset(**{"train.steps": 100, "train.eval_every": 100}), tmp_path / "m.safetensors")
     assert result.history[-1]["val_loss"] < unigram  # it uses context, not just letter frequencies
 
 
