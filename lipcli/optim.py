@@ -267,11 +267,28 @@ class MuonWithAdamW:
         self.adamw.step()
 
     def state_dict(self) -> dict:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        return self.joined(self.muon.state_dict(), self.adamw.state_dict())
+
+    @staticmethod
+    def joined(muon: dict, adamw: dict) -> dict:
+        """One torch-style state dict (``state`` by parameter index, ``param_groups``): Muon's first, then AdamW's."""
+        offset = sum(len(g["params"]) for g in muon["param_groups"])
+        return {
+            "state": {**muon["state"], **{i + offset: v for i, v in adamw["state"].items()}},
+            "param_groups": muon["param_groups"]
+            + [{**g, "params": [i + offset for i in g["params"]]} for g in adamw["param_groups"]],
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
+        n = len(self.muon.param_groups)
+        groups = state_dict["param_groups"]
+        offset = sum(len(g["params"]) for g in groups[:n])
+        state = state_dict["state"]
+        self.muon.load_state_dict({"state": {i: v for i, v in state.items() if i < offset}, "param_groups": groups[:n]})
+        self.adamw.load_state_dict({
+            "state": {i - offset: v for i, v in state.items() if i >= offset},
+            "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in groups[n:]],
+        })  # fmt: skip
 
 
 def build_optimizer(

@@ -398,7 +398,7 @@ def _full_optimizer_state(optimizer: torch.optim.Optimizer, world: World) -> dic
     """Every parameter's optimizer state, on rank 0 (None elsewhere): sharded Muon gathers it from the owners."""
     if isinstance(optimizer, MuonWithAdamW) and world.size > 1:
         muon = distributed.gather_sharded_state(optimizer.muon, world)
-        return {"muon": muon, "adamw": optimizer.adamw.state_dict()} if world.is_main else None
+        return MuonWithAdamW.joined(muon, optimizer.adamw.state_dict()) if muon is not None else None
     if isinstance(optimizer, Muon) and world.size > 1:
         return distributed.gather_sharded_state(optimizer, world)
     return optimizer.state_dict() if world.is_main else None

@@ -186,10 +186,14 @@ def test_muon_adamw_splits_hidden_matrices_from_the_rest_and_decays_no_gain():
     # Muon's step on a square matrix: RMS->RMS norm lr x the quintic's gain, never AdamW's sign-like step.
     step = float(rms_norm_exact(q.detach() - before["blocks.0.attn.q.weight"]))
     assert 0.05 * 0.6 < step <= 0.05 * max_gain(MUON_COEFFS) * 1.05 + 0.05 * 0.05 * 0.1
-    state = optimizer.state_dict()
+    state = optimizer.state_dict()  # one torch-style dict: resume checks it like any optimizer's
+    assert sorted(state["state"]) == list(range(sum(1 for _ in model.parameters())))
     again = build_optimizer("muon-adamw", model.groups(1.0, {}, {}), 0.05, "none", 0.1, adamw_lr=3e-3)
     again.load_state_dict(state)
-    assert again.state_dict()["adamw"]["state"].keys() == state["adamw"]["state"].keys()
+    for a, b in ((again.muon, optimizer.muon), (again.adamw, optimizer.adamw)):
+        sa, sb = a.state_dict()["state"], b.state_dict()["state"]
+        assert sa.keys() == sb.keys() and all(sa[i].keys() == sb[i].keys() for i in sa)
+        assert all(torch.equal(torch.as_tensor(sa[i][k]), torch.as_tensor(sb[i][k])) for i in sa for k in sa[i])
 
 
 def test_unknown_parameter_kinds_are_rejected():

@@ -389,3 +389,19 @@ def test_a_new_run_removes_only_its_own_stale_temp_files(tmp_path):
         path.write_bytes(b"left by a kill -9")
     train(tiny_preset(**{"train.steps": 3}), out)
     assert not any(path.exists() for path in stale) and other.exists()
+
+
+def test_a_muon_adamw_run_resumes_like_an_uninterrupted_one(tmp_path):
+    preset = tiny_preset("shakespeare-baseline-muon")
+    whole = train(preset, tmp_path / "whole.safetensors")
+
+    def stop_at_step_4(event):
+        if event["type"] == "step" and event["step"] == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # after the step-3 checkpoint, which holds both optimizers' state
+        train(preset, tmp_path / "split.safetensors", on_event=stop_at_step_4)
+    resumed = train(preset, tmp_path / "split.safetensors", resume=True)
+    assert resumed.step == whole.step == 6
+    for key, value in _weights(whole.checkpoint).items():
+        torch.testing.assert_close(_weights(resumed.checkpoint)[key], value, rtol=0, atol=0)

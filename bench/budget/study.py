@@ -76,9 +76,11 @@ def run(p: Point, out: Path) -> dict:
     row = json.loads(saved.read_text()) if saved.exists() else asdict(run_point(p, out, lambda event: None))
     if "measured" in row:
         return row
-    row["measured"] = checkpoint_sensitivity(row["checkpoint"])
-    bound = row["log10_tight"]
-    if math.isfinite(bound) and math.log10(row["measured"]) > bound:
+    bound = row["log10_tight"]  # None (strict JSON's inf) or inf for an unbounded baseline
+    certified = bound is not None and math.isfinite(bound)
+    # An unbounded model has no certified domain to search (lipcli.nn.Domain): nothing to measure against.
+    row["measured"] = checkpoint_sensitivity(row["checkpoint"]) if certified else None
+    if certified and math.log10(row["measured"]) > bound:
         raise RuntimeError(f"{p.name}: measured sensitivity {row['measured']:.4g} exceeds its bound 10^{bound:.3f}")
     row["levers"] = POINTS.get(p.name, {})
     atomic_write(saved, lambda tmp: tmp.write_text(strict_json(row)))
@@ -94,9 +96,8 @@ def report(rows: list[dict], out: Path) -> None:
         bound = r["log10_tight"]
         shown = "unbounded" if bound is None else f"{10**bound:.4g}"
         ratio = "-" if bound is None else f"{10**bound / r['measured']:.3g}"
-        lines.append(
-            f"| {r['name']} | {r['val_acc']:.1%} | {r['val_loss']:.3f} | {shown} | {r['measured']:.4g} | {ratio} |"
-        )
+        measured = "-" if r["measured"] is None else f"{r['measured']:.4g}"
+        lines.append(f"| {r['name']} | {r['val_acc']:.1%} | {r['val_loss']:.3f} | {shown} | {measured} | {ratio} |")
     atomic_write(out / "results.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
     import matplotlib
