@@ -30,9 +30,10 @@ from lipcli.sensitivity import model_sensitivity
 
 # About 70% of the drawn examples are legal and get searched: 290 draws certify over 200 models.
 EXAMPLES = int(os.environ.get("LIPCLI_SOUNDNESS_EXAMPLES", "290"))
-# The search evaluates f in float64 on pairs as close as 1e-5 of the domain's scale: its ratios carry rounding
-# of about 1e-16 / 1e-5 relative, which a bound tight to the last digit (a linear model) may meet.
-MEASUREMENT_SLACK = 1e-9
+# The search evaluates f in float64 on pairs as close as 1e-5 of the domain's scale, and f(x) - f(y) cancels
+# against output offsets (biases of size ~5) far larger than the difference: measured 2.2e-9 above an exact
+# bound on a model whose map is a tiny multiple of x plus a bias. Real soundness bugs are O(1) factors.
+MEASUREMENT_SLACK = 1e-6
 SEARCH = {"restarts": 1, "steps": 6, "batch": 4}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 POISONS = ("nan", "inf", "-inf")
