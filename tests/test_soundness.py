@@ -161,8 +161,8 @@ def build(example: Example) -> Checkpoint:
     return Checkpoint(model, example.arch, config_dict(model), {}, {}, 0, {}, None, {}, Path(f"<{example.arch}>"))
 
 
-def check(example: Example) -> float | None:
-    """Certify the example; returns measured / bound, or None when it was (rightly) refused."""
+def check(example: Example) -> tuple[float, float] | None:
+    """Certify the example; returns (measured, bound), or None when it was (rightly) refused."""
     try:
         ckpt = build(example)
         report = certify_loaded(ckpt)
@@ -176,7 +176,7 @@ def check(example: Example) -> float | None:
     measured = model_sensitivity(model, seed=example.seed, **SEARCH).lower_bound
     bound = 10**report.log10_bound if report.log10_bound < 300 else math.inf
     assert measured <= bound * (1 + MEASUREMENT_SLACK) + MEASUREMENT_FLOOR, (measured, bound, example)
-    return measured / bound if bound > 0 else 0.0
+    return measured, bound
 
 
 @settings(
