@@ -100,7 +100,13 @@ def train(
             help=f"Cap on every weight matrix's RMS->RMS operator norm (the paper's w_max) (preset: {_D.sigma_max:g})."
         ),
     ] = None,
-    optimizer: Annotated[str | None, typer.Option(help=f"muon or adamw (preset: {_D.optimizer}).")] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            help="muon, adamw, or muon-adamw (Muon on hidden matrices, AdamW at train.adamw_lr on embedding, "
+            f"head and gains: modded-nanogpt's split) (preset: {_D.optimizer})."
+        ),
+    ] = None,
     lr: Annotated[float | None, typer.Option(help=f"Peak learning rate (preset: {_D.lr:g}).")] = None,
     wd: Annotated[float | None, typer.Option(help=f"Decoupled weight decay (preset: {_D.wd:g}).")] = None,
     steps: Annotated[int | None, typer.Option(help=f"Optimizer steps (preset: {_D.steps}).")] = None,
