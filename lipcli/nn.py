@@ -353,19 +353,16 @@ class Attention(nn.Module):
         causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
         return torch.zeros(t, t, device=device).masked_fill(~causal, -math.inf).expand(self.n_heads, t, t)
 
-    def _content_scores(self, x: Tensor) -> Tensor:
-        """[B, content_heads, T, T] softmax_scale q.k / d_head with RoPE'd q and k, before any mask."""
+    def _content_qk(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The content heads' RoPE'd q (times softmax_scale / d_head) and k, [B, content_heads, T, d_head] each."""
         assert self.q is not None and self.k is not None
-        q, k = self.rotary(self.q(x)), self.rotary(self.k(x))
-        return q @ k.mT * (self.softmax_scale / self.head_dim)
+        # The scale is folded into q: SDPA returns NaN for a scale <= 0, a legal (if odd) model.
+        return self.rotary(self.q(x)) * (self.softmax_scale / self.head_dim), self.rotary(self.k(x))
 
     def forward(self, x: Tensor) -> Tensor:
         m, t, parts = self.content_heads, x.shape[-2], []
         if m:
-            assert self.q is not None and self.k is not None
-            # The scale is folded into q: SDPA returns NaN for a scale <= 0, a legal (if odd) model.
-            q = self.rotary(self.q(x)) * (self.softmax_scale / self.head_dim)
-            k = self.rotary(self.k(x))
+            q, k = self._content_qk(x)
         v = self.v(x)
         bias = self._bias(t, x.device).to(v.dtype)
         if m:
@@ -384,7 +381,8 @@ class Attention(nn.Module):
         bias = self._bias(t, x.device).to(x.dtype).expand(x.shape[0], self.n_heads, t, t)
         if not m:
             return bias
-        return torch.cat((self._content_scores(x) + bias[:, :m], bias[:, m:]), dim=1)
+        q, k = self._content_qk(x)
+        return torch.cat((q @ k.mT + bias[:, :m], bias[:, m:]), dim=1)
 
     def bound(self, in_norm: float, norm_of: NormOf, tight: bool = False) -> Bound:
         """Lipschitz constant and output norm on inputs whose tokens have RMS <= in_norm.
