@@ -56,8 +56,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in TRAINED:
             ckpt = Path(tmp) / f"{name}.safetensors"
-            cmd = [sys.executable, "-m", "lipcli", "train", "--preset", name, "--steps", str(args.steps),
-                   "--eval-every", str(args.steps), "--seed", "0", "--device", "cpu", "--out", str(ckpt), "--quiet"]  # fmt: skip
+            steps = str(args.steps)
+            cmd = [sys.executable, "-m", "lipcli", "train", "--preset", name, "--steps", steps, "--eval-every", steps,
+                   "--seed", "0", "--device", "cpu", "--out", str(ckpt), "--quiet"]  # fmt: skip
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             result[f"trained/{name}"] = {"weights_sha256": weights_hash(ckpt), "certify": bounds(ckpt)}
         for name in presets.available():
