@@ -48,6 +48,7 @@ class GPTConfig:
     residual_scale: float = 1.0  # a = residual_scale / (2 n_layers) in x <- (1 - a) x + a f(x)
     softmax_scale: float = 1.0  # attention logits = softmax_scale * q.k / d_head
     content_heads: int | None = None  # heads per layer that read content (None: all); the rest attend by position
+    content_layers: int | None = None  # the last N layers have content heads (None: all); earlier ones, position only
     final_scale: float = 1.0  # fixed logit multiplier: counted in the certificate
     zero_init: bool = True  # zero-init attention/MLP output projections and the head (the reference's)
     position_bias: bool = False  # learned per-head logit bias by relative offset: free in the bound
@@ -154,6 +155,9 @@ def _check_lipschitz_gpt(config: GPTConfig) -> None:
     heads = config.content_heads
     if heads is not None and not 0 <= heads <= config.n_heads:
         raise UserError(f"model.content_heads must lie in [0, model.n_heads = {config.n_heads}] (got {heads})")
+    layers = config.content_layers
+    if layers is not None and not 0 <= layers <= config.n_layers:
+        raise UserError(f"model.content_layers must lie in [0, model.n_layers = {config.n_layers}] (got {layers})")
 
 
 # lipcli's layers: each initializes its own weight and names its constraint group and kind.
@@ -182,7 +186,7 @@ def _collect_groups(
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
+    def __init__(self, config: GPTConfig, reads_content: bool = True) -> None:
         super().__init__()
         a = config.residual_scale / (2 * config.n_layers)
         if not 0 < a < 1:
@@ -193,7 +197,7 @@ class Block(nn.Module):
         position_context = config.context if config.position_bias else 0
         attention = Attention(
             config.d_model, config.n_heads, config.softmax_scale, config.zero_init, position_context,
-            config.attn_out_scale, config.content_heads,
+            config.attn_out_scale, config.content_heads if reads_content else 0,
         )  # fmt: skip
         self.attn = Residual(attention, a)
         mlp = MLP(
@@ -215,7 +219,9 @@ class LipschitzGPT(nn.Module):
         super().__init__()
         self.config = config
         self.embed = Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        # Early layers can gather by position (e.g. "the previous token") for free; content lookups come last.
+        first_content = config.n_layers - (config.n_layers if config.content_layers is None else config.content_layers)
+        self.blocks = nn.ModuleList(Block(config, reads_content=i >= first_content) for i in range(config.n_layers))
         self.head = Linear(config.d_model, config.vocab_size, "head", zero_init=config.zero_init)
         # Added after final_scale: a per-token prior that moves no Jacobian, so the bound ignores it.
         self.logit_bias = Bias(config.vocab_size, "head_bias") if config.bias else None

@@ -235,6 +235,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "residual_scale": [0.0, -1.0, 2.0],  # a = residual_scale / (2 n_layers) must lie in (0, 1)
     "softmax_scale": [1e7, -1e7],
     "content_heads": [-1, 3],  # n_heads is 2
+    "content_layers": [-1, 3],  # n_layers is 2
     "final_scale": [1e7, -1e7],
     "attn_out_scale": [1e7, -1e7],
     "mlp_gain": [0.0, 1e-9, 1e7],  # GeLU(g z) / g is 0/0 at g = 0

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -307,6 +308,18 @@ def test_only_content_heads_pay_the_query_key_term():
     assert none["qk_path"] == 0.0 and one["qk_path"] > 0.0
     assert one["qk_path"] <= all_heads["qk_path"] / 1.9  # 1 of 4 heads: sqrt(4) = 2x less, at orthogonal init
     assert one["value_path"] == pytest.approx(all_heads["value_path"], rel=0.5)
+
+
+def test_only_the_last_content_layers_read_content():
+    config = GPTConfig(vocab_size=9, d_model=16, n_layers=3, n_heads=4, context=8, softmax_scale=8.0,
+                       content_heads=1, content_layers=1, position_bias=True, zero_init=False)  # fmt: skip
+    model = LipschitzGPT(config).double()
+    assert [block.attn.inner.content_heads for block in model.blocks] == [0, 0, 1]
+    rows = dict(model.bound(lambda w: rms_norm_exact(w, dtype=torch.float64), tight=True))
+    assert rows["block0.attn"].terms["qk_path"] == rows["block1.attn"].terms["qk_path"] == 0.0
+    assert rows["block2.attn"].terms["qk_path"] > 0.0
+    every = LipschitzGPT(replace(config, content_layers=None)).double()
+    assert [block.attn.inner.content_heads for block in every.blocks] == [1, 1, 1]
 
 
 def test_baseline_predictions_depend_on_the_order_of_the_context():

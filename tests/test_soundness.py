@@ -104,6 +104,7 @@ def gpt_examples(draw: st.DrawFn) -> Example:
         "residual_scale": 2 * n_layers * draw(st.floats(0.05, 0.95)),
         "softmax_scale": draw(_scale(30.0)),
         "content_heads": draw(st.one_of(st.none(), st.integers(0, n_heads))),  # None: every head reads content
+        "content_layers": draw(st.one_of(st.none(), st.integers(0, n_layers))),  # None: every layer reads content
         "final_scale": draw(_scale(10.0)),
         "zero_init": draw(st.booleans()),
         "position_bias": draw(st.booleans()),
