@@ -3,12 +3,16 @@ import torch
 import torch.nn.functional as F
 
 from lipcli.models import GPTConfig, LipschitzGPT
-from lipcli.optim import Muon, build_optimizer, check_method, param_groups
+from lipcli.optim import Muon, build_optimizer, check_method, optimizer_groups, param_groups
 from lipcli.spectral import MUON_COEFFS, max_gain, rms_norm_exact, rms_scale
 
 
 def _tiny_gpt(seed: int = 0) -> LipschitzGPT:
     return LipschitzGPT(GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, seed=seed))
+
+
+def _groups(model, sigma_max: float, caps: dict | None = None, lr_mult: dict | None = None):
+    return optimizer_groups(model.declared_parameters(), sigma_max, caps or {}, lr_mult or {})
 
 
 def _lm_loss(model, tokens):
@@ -56,7 +60,7 @@ def test_training_lowers_loss_and_keeps_every_matrix_capped(method):
     torch.manual_seed(0)
     model = _tiny_gpt()
     sigma_max = 1.0
-    opt = build_optimizer("muon", model.groups(sigma_max, {}, {}), lr=0.05, method=method, wd=0.0)
+    opt = build_optimizer("muon", _groups(model, sigma_max), lr=0.05, method=method, wd=0.0)
     tokens = torch.randint(0, 13, (8, 17), generator=torch.Generator().manual_seed(3))
     first = None
     for _ in range(20):
@@ -76,7 +80,7 @@ def test_training_lowers_loss_and_keeps_every_matrix_capped(method):
 
 def test_per_group_caps_and_lr_multipliers_reach_the_optimizer():
     model = _tiny_gpt()
-    groups = model.groups(1.0, {"head": 4.0}, {"embed": 0.5})
+    groups = _groups(model, 1.0, {"head": 4.0}, {"embed": 0.5})
     opt = build_optimizer("muon", groups, lr=0.1, method="softcap", wd=0.0)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["head"]["sigma_max"] == 4.0 and by_name["attn_qk"]["sigma_max"] == 1.0
@@ -86,7 +90,7 @@ def test_per_group_caps_and_lr_multipliers_reach_the_optimizer():
 
 def test_embedding_row_cap_is_a_named_group_cap():
     model = _tiny_gpt()
-    opt = build_optimizer("muon", model.groups(2.0, {"embed": 0.5}, {}), lr=0.1, method="softcap", wd=0.0)
+    opt = build_optimizer("muon", _groups(model, 2.0, {"embed": 0.5}, {}), lr=0.1, method="softcap", wd=0.0)
     loss = _lm_loss(model, torch.randint(0, 13, (4, 9), generator=torch.Generator().manual_seed(0)))
     loss.backward()
     opt.step()
@@ -96,14 +100,14 @@ def test_embedding_row_cap_is_a_named_group_cap():
 
 def test_spec_wd_replaces_decoupled_decay():
     model = _tiny_gpt()
-    groups = param_groups(model.groups(1.0, {}, {}), lr=0.1, method="spec-wd", wd=0.3)
+    groups = param_groups(_groups(model, 1.0), lr=0.1, method="spec-wd", wd=0.3)
     matrix = next(g for g in groups if g["name"] == "mlp_in")
     assert matrix["weight_decay"] == 0.0 and matrix["spectral_decay"] == 0.3
 
 
 def test_adamw_with_constraint_caps_after_each_step():
     model = _tiny_gpt()
-    opt = build_optimizer("adamw", model.groups(0.5, {}, {}), lr=1e-2, method="hardcap", wd=0.0)
+    opt = build_optimizer("adamw", _groups(model, 0.5), lr=1e-2, method="hardcap", wd=0.0)
     tokens = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(4))
     for _ in range(3):
         opt.zero_grad()
@@ -126,7 +130,7 @@ def test_pairs_the_optimizer_cannot_honour_are_rejected(optimizer, method, reaso
 def test_identical_seeds_give_identical_training():
     def run() -> torch.Tensor:
         model = _tiny_gpt(seed=7)
-        opt = build_optimizer("muon", model.groups(1.0, {}, {}), lr=0.05, method="softcap", wd=0.0)
+        opt = build_optimizer("muon", _groups(model, 1.0), lr=0.05, method="softcap", wd=0.0)
         tokens = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(5))
         for _ in range(3):
             opt.zero_grad()
@@ -139,7 +143,7 @@ def test_identical_seeds_give_identical_training():
 
 def test_muon_trains_position_biases_without_capping_them():
     model = LipschitzGPT(GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, position_bias=True))
-    opt = build_optimizer("muon", model.groups(1.0, {}, {}), lr=0.5, method="softcap", wd=0.0)
+    opt = build_optimizer("muon", _groups(model, 1.0), lr=0.5, method="softcap", wd=0.0)
     bias = model.blocks[0].attn.inner.position_bias.weight
     before = bias.detach().clone()
     tokens = torch.randint(0, 13, (8, 17), generator=torch.Generator().manual_seed(3))
@@ -158,7 +162,7 @@ def test_muon_trains_position_biases_without_capping_them():
 
 def test_embed_inflation_limits_how_far_a_rare_tokens_step_is_scaled_up():
     model = _tiny_gpt()
-    opt = build_optimizer("muon", model.groups(1.0, {}, {}), lr=0.1, method="softcap", wd=0.0, embed_inflation=2.0)
+    opt = build_optimizer("muon", _groups(model, 1.0), lr=0.1, method="softcap", wd=0.0, embed_inflation=2.0)
     embed_group = next(g for g in opt.param_groups if g["name"] == "embed")
     grad = torch.ones(13, 32)
     grad[0] *= 1e-6  # a token that barely occurs
@@ -171,7 +175,7 @@ def test_muon_adamw_splits_hidden_matrices_from_the_rest_and_decays_no_gain():
     from lipcli.optim import ConstrainedAdamW, MuonWithAdamW
 
     model = BaselineGPT(GPTConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, context=8))
-    optimizer = build_optimizer("muon-adamw", model.groups(1.0, {}, {}), 0.05, "none", 0.1, adamw_lr=3e-3)
+    optimizer = build_optimizer("muon-adamw", _groups(model, 1.0), 0.05, "none", 0.1, adamw_lr=3e-3)
     assert isinstance(optimizer, MuonWithAdamW) and isinstance(optimizer.adamw, ConstrainedAdamW)
     by_name = {g["name"]: g for g in optimizer.param_groups}
     assert [g["name"] for g in optimizer.muon.param_groups] == ["hidden"]
@@ -188,7 +192,7 @@ def test_muon_adamw_splits_hidden_matrices_from_the_rest_and_decays_no_gain():
     assert 0.05 * 0.6 < step <= 0.05 * max_gain(MUON_COEFFS) * 1.05 + 0.05 * 0.05 * 0.1
     state = optimizer.state_dict()  # one torch-style dict: resume checks it like any optimizer's
     assert sorted(state["state"]) == list(range(sum(1 for _ in model.parameters())))
-    again = build_optimizer("muon-adamw", model.groups(1.0, {}, {}), 0.05, "none", 0.1, adamw_lr=3e-3)
+    again = build_optimizer("muon-adamw", _groups(model, 1.0), 0.05, "none", 0.1, adamw_lr=3e-3)
     again.load_state_dict(state)
     for a, b in ((again.muon, optimizer.muon), (again.adamw, optimizer.adamw)):
         sa, sb = a.state_dict()["state"], b.state_dict()["state"]
