@@ -2,8 +2,8 @@
 
 Each certified layer has ``bound(in_norm, norm_of, tight) -> Bound`` (see :mod:`lipcli.bounds` for the norms
 and the arithmetic); ``tight=False`` is the paper's composition, ``tight=True`` the refinement derived in
-docs/certify.md. Each layer that owns a weight names its optimizer group, its kind and its mass role, and
-:func:`declare` lists them: the model declares, :mod:`lipcli.optim` decides caps and learning rates.
+docs/certify.md. Each layer that owns a weight names its optimizer group, its kind and its mass role; models
+list them as :class:`Declared` parameters, and :mod:`lipcli.optim` decides caps and learning rates.
 """
 
 from __future__ import annotations

@@ -122,17 +122,25 @@ def optimizer_groups(
     declared = list(declared)
     check_group_names(declared, {"train.caps": caps, "train.lr_mult": lr_mult}, model)
     mult = {**mass_lr_mult(blocks_mass, declared), **lr_mult}
-    by_name: dict[str, tuple[str, list[nn.Parameter]]] = {}
-    for d in declared:
-        kind, params = by_name.setdefault(d.group, (d.kind, []))
-        if kind != d.kind:
-            raise ValueError(f"group {d.group} declares parameters of two kinds, {kind} and {d.kind}")
-        params.append(d.param)
     return [
         # Embedding rows keep unit RMS unless capped by name: sigma_max bounds matrices, not the input domain.
         Group(name, params, kind, caps.get(name, 1.0 if kind == "embed" else sigma_max), mult.get(name, 1.0))
-        for name, (kind, params) in by_name.items()
+        for name, (kind, params) in _by_group(declared).items()
     ]
+
+
+def _by_group(declared: list[Declared]) -> dict[str, tuple[str, list[nn.Parameter]]]:
+    """Each group's kind and parameters, in order of first appearance; a group is one kind and one mass role."""
+    first: dict[str, Declared] = {}
+    groups: dict[str, tuple[str, list[nn.Parameter]]] = {}
+    for d in declared:
+        if d.mass is not None and d.mass not in MASS_ROLES:
+            raise ValueError(f"group {d.group}: unknown mass role {d.mass!r}; known: {', '.join(MASS_ROLES)}")
+        seen = first.setdefault(d.group, d)
+        if (seen.kind, seen.mass) != (d.kind, d.mass):
+            raise ValueError(f"group {d.group} mixes kinds or mass roles: {seen.kind}/{seen.mass}, {d.kind}/{d.mass}")
+        groups.setdefault(d.group, (d.kind, []))[1].append(d.param)
+    return groups
 
 
 def param_groups(groups: Iterable[Group], lr: float, method: str, wd: float) -> list[dict]:

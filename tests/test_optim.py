@@ -2,8 +2,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipcli.models import GPTConfig, LipschitzGPT
-from lipcli.optim import Muon, build_optimizer, check_method, optimizer_groups, param_groups
+from lipcli.errors import UserError
+from lipcli.models import GPTConfig, LipschitzGPT, LipschitzMLP, MLPConfig
+from lipcli.nn import Declared
+from lipcli.optim import Muon, build_optimizer, check_method, group_names, mass_lr_mult, optimizer_groups, param_groups
 from lipcli.spectral import MUON_COEFFS, max_gain, rms_norm_exact, rms_scale
 
 
@@ -205,3 +207,47 @@ def test_unknown_parameter_kinds_are_rejected():
 
     with pytest.raises(ValueError, match="unknown parameter kind"):
         Group("x", [], "matrices")
+
+
+def test_groups_cover_every_parameter_once_and_unknown_names_are_refused_with_the_real_ones():
+    model = LipschitzGPT(GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, bias=True))
+    declared = model.declared_parameters()
+    groups = optimizer_groups(declared, 1.0, {}, {})
+    assert [g.name for g in groups] == group_names(declared)
+    assert sorted(id(p) for g in groups for p in g.params) == sorted(id(p) for p in model.parameters())
+    for table in ("caps", "lr_mult"):
+        with pytest.raises(UserError) as caught:
+            optimizer_groups(declared, 1.0, **{"caps": {}, "lr_mult": {}, table: {"attn_q": 2.0}}, model="gpt")
+        assert (
+            str(caught.value)
+            == f"train.{table}: unknown group 'attn_q'; gpt has groups {', '.join(group_names(declared))}"
+        )
+
+
+def test_blocks_mass_split_follows_the_declared_roles_as_it_followed_the_group_names():
+    m = 16.0
+    block, edge = m / (m + 2.0), 1.0 / (m + 2.0)
+    gpt = LipschitzGPT(
+        GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, position_bias=True, bias=True)
+    )
+    # The table training.py hard-coded before the split moved to optim: every value, no extra group.
+    by_name = {"embed": edge, "head": edge, "attn_qk": block, "attn_v": block,
+               "attn_out": block / 3, "mlp_in": block / 3, "mlp_out": block / 3}  # fmt: skip
+    assert mass_lr_mult(m, gpt.declared_parameters()) == by_name
+    mlp = LipschitzMLP(MLPConfig(n_layers=4))
+    assert mass_lr_mult(m, mlp.declared_parameters()) == {"mlp_in": block / 3, "head": edge}
+    assert mass_lr_mult(None, gpt.declared_parameters()) == {}
+    groups = optimizer_groups(gpt.declared_parameters(), 1.0, {}, {"attn_out": 0.7}, blocks_mass=m)
+    mult = {g.name: g.lr_mult for g in groups}
+    assert mult["attn_out"] == 0.7 and mult["mlp_in"] == block / 3  # an explicit multiplier wins over the split
+    assert mult["attn_pos"] == mult["mlp_bias"] == mult["head_bias"] == 1.0  # no role: outside the split
+
+
+def test_a_group_is_one_kind_and_one_mass_role():
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="mixes kinds"):
+        optimizer_groups([Declared("g", "matrix", a), Declared("g", "free", b)], 1.0, {}, {})
+    with pytest.raises(ValueError, match="mixes kinds or mass roles"):
+        optimizer_groups([Declared("g", "matrix", a, "block"), Declared("g", "matrix", b)], 1.0, {}, {})
+    with pytest.raises(ValueError, match="unknown mass role 'hidden'"):
+        optimizer_groups([Declared("g", "matrix", a, "hidden")], 1.0, {}, {})
