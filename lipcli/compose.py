@@ -37,8 +37,10 @@ def stage_rows(stages: Iterable[tuple[str, Stage]], in_norm: float, norm_of: Nor
     for name, stage in stages:
         if isinstance(stage, Chain):
             new = [(f"{name}.{child}", b) for child, b in stage.rows(in_norm, norm_of, tight)]
-        else:
+        elif hasattr(stage, "bound"):
             new = [(name, stage.bound(in_norm, norm_of, tight))]
+        else:  # skipping it would certify a map that forward does not compute
+            raise TypeError(f"stage {name} ({type(stage).__name__}) has no bound: the model cannot be certified")
         rows += new
         in_norm = new[-1][1].out_norm if new else in_norm
     return rows

@@ -310,6 +310,7 @@ class Readout:
     """Logits = scale * head(x) (+ bias): a language model's last stage, over weights the model owns.
 
     A fixed scale s costs |s| in the Lipschitz constant; the bias moves no Jacobian and adds RMS(b) to the output.
+    Not a module, so the weights keep their checkpoint names (``head.weight``, ``logit_bias.weight``).
     """
 
     head: Linear

@@ -178,3 +178,10 @@ def test_the_mlp_models_stages_hold_in_l2():
         assert measured <= bound * SLACK
         if exact:
             assert measured >= 0.99 * bound
+
+
+def test_a_stage_without_a_bound_is_refused_not_skipped():
+    block = _gpt().blocks[0]
+    block.unbounded = nn.Tanh()
+    with pytest.raises(TypeError, match="stage unbounded \\(Tanh\\) has no bound"):
+        block.bound(1.0, exact_norm)
