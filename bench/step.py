@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lipcli.models import build_model
-from lipcli.optim import Group, Muon, build_optimizer, param_groups
+from lipcli.optim import Group, Muon, build_optimizer, optimizer_groups, param_groups
 from lipcli.presets import load_preset
 
 
@@ -65,9 +65,13 @@ def main() -> None:
         0, vocab, (t.batch_size, ours.model["context"] + 1), generator=torch.Generator().manual_seed(0)
     )
     lip = build_model(ours.arch, {**ours.model, "vocab_size": vocab, "zero_init": False})
-    lip_opt = build_optimizer("muon", lip.groups(t.sigma_max, t.caps, {}), t.lr, t.method, t.wd)
+    lip_opt = build_optimizer(
+        "muon", optimizer_groups(lip.declared_parameters(), t.sigma_max, t.caps, {}), t.lr, t.method, t.wd
+    )
     baseline = build_model(base.arch, {**base.model, "vocab_size": vocab})
-    base_opt = build_optimizer("adamw", baseline.groups(1.0, {}, {}), base.train.lr, "none", base.train.wd)
+    base_opt = build_optimizer(
+        "adamw", optimizer_groups(baseline.declared_parameters(), 1.0, {}, {}), base.train.lr, "none", base.train.wd
+    )
     lip_s = _time_steps(lip, lip_opt, tokens, args.steps)
     base_s = _time_steps(baseline, base_opt, tokens, args.steps)
 

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from . import checkpoint
+from .bounds import Bound, NormOf, add_log10
 from .errors import UserError
-from .nn import Bound, NormOf, certified_map
+from .nn import certified_map
 from .spectral import certified_spectral_bound, rms_scale
 
 # Relative disagreement between recorded and recomputed norms worth reporting.
 _DISAGREEMENT = 1e-3
-UNBOUNDED_REASON = {"baseline-gpt": "RMSNorm rescales small inputs without limit: no global Lipschitz bound"}
 # Dtypes whose forward-pass rounding is far larger than a tight bound's slack.
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 _PROBE_TOKENS = 3
@@ -110,22 +110,11 @@ def arithmetic(dtype: torch.dtype) -> str:
     return stated + "; floating-point rounding of a forward pass is not covered"
 
 
-def _add_up(total: float, term: float) -> float:
-    """total + term for log10 factors, rounded up one ulp (the sum of the exact logs never exceeds it).
-
-    -inf is an exactly zero factor and wins over +inf, which only ever stands for an overflowed finite one.
-    """
-    if -math.inf in (total, term):
-        return -math.inf
-    total += term
-    return total if math.isinf(total) else math.nextafter(total, math.inf)
-
-
 def _compose(paper: list[tuple[str, Bound]], tight: list[tuple[str, Bound]]) -> list[ModuleRow]:
     rows, run_p, run_t = [], 0.0, 0.0
     for (name, bp), (_, bt) in zip(paper, tight, strict=True):
-        run_p = _add_up(run_p, bp.log10_lipschitz)
-        run_t = _add_up(run_t, bt.log10_lipschitz)
+        run_p = add_log10(run_p, bp.log10_lipschitz)
+        run_t = add_log10(run_t, bt.log10_lipschitz)
         rows.append(ModuleRow(name, bp.log10_lipschitz, bt.log10_lipschitz, run_p, run_t, bt.out_norm, bt.terms))
     return rows
 
@@ -190,7 +179,8 @@ def certify_loaded(ckpt: checkpoint.Checkpoint, power_iters: int | None = None) 
         arithmetic(stored_dtype), str(stored_dtype).removeprefix("torch."), method, math.inf, math.inf,
     )  # fmt: skip
     if not certified:
-        report.unbounded_reason = UNBOUNDED_REASON.get(ckpt.arch, "this architecture has no certificate")
+        # The model class says why it has no certificate (e.g. BaselineGPT's RMSNorm).
+        report.unbounded_reason = getattr(model, "unbounded_reason", "this architecture has no certificate")
         report.seconds = time.perf_counter() - started
         return report
     try:

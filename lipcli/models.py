@@ -14,26 +14,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import ATTENTION_OUT_FACTOR, Attention, PositionBias, Rotary
+from .bounds import Bound, NormOf
+from .compose import Chain, Stage, run, stage_rows
 from .errors import UserError
 from .nn import (
     ACTIVATIONS,
-    ATTENTION_OUT_FACTOR,
     MLP,
-    Attention,
     Bias,
-    Bound,
+    Declared,
+    DenseReLU,
     Domain,
     Embedding,
     HeadLinear,
     Linear,
-    NormOf,
-    PositionBias,
+    Readout,
     Residual,
-    Rotary,
-    bias_rms,
-    log10,
+    Scale,
 )
-from .optim import Group
 from .spectral import rms_norm_exact
 
 
@@ -160,7 +158,7 @@ def _check_lipschitz_gpt(config: GPTConfig) -> None:
         raise UserError(f"model.content_layers must lie in [0, model.n_layers = {config.n_layers}] (got {layers})")
 
 
-# lipcli's layers: each initializes its own weight and names its constraint group and kind.
+# lipcli's layers: each initializes its own weight and names its constraint group, kind and mass role.
 _OWN_WEIGHT = (Linear, HeadLinear, Embedding, PositionBias, Bias)
 
 
@@ -171,21 +169,16 @@ def _init(model: nn.Module, seed: int) -> None:
             module.reset_parameters(generator)
 
 
-def _collect_groups(
-    model: nn.Module, caps: dict[str, float], sigma_max: float, lr_mult: dict[str, float]
-) -> list[Group]:
-    by_name: dict[str, tuple[str, list[nn.Parameter]]] = {}
-    for module in model.modules():
-        if isinstance(module, _OWN_WEIGHT):
-            by_name.setdefault(module.group, (module.constraint_kind, []))[1].append(module.weight)
+def _declared(model: nn.Module) -> list[Declared]:
+    """Every weight of lipcli's layers, in module order, as its layer names it."""
     return [
-        # Embedding rows keep unit RMS unless capped by name: sigma_max bounds matrices, not the input domain.
-        Group(name, params, kind, caps.get(name, 1.0 if kind == "embed" else sigma_max), lr_mult.get(name, 1.0))
-        for name, (kind, params) in by_name.items()
+        Declared(m.group, m.constraint_kind, m.weight, m.mass) for m in model.modules() if isinstance(m, _OWN_WEIGHT)
     ]
 
 
-class Block(nn.Module):
+class Block(Chain):
+    """Attention then MLP, each in a convex residual: the stages run (and are certified) in registration order."""
+
     def __init__(self, config: GPTConfig, reads_content: bool = True) -> None:
         super().__init__()
         a = config.residual_scale / (2 * config.n_layers)
@@ -206,9 +199,6 @@ class Block(nn.Module):
         )  # fmt: skip
         self.mlp = Residual(mlp, a)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp(self.attn(x))
-
 
 class LipschitzGPT(nn.Module):
     """The paper's transformer: no LayerNorm, no QK-norm, no logit softcap; convex residuals."""
@@ -222,24 +212,26 @@ class LipschitzGPT(nn.Module):
         # Early layers can gather by position (e.g. "the previous token") for free; content lookups come last.
         first_content = config.n_layers - (config.n_layers if config.content_layers is None else config.content_layers)
         self.blocks = nn.ModuleList(Block(config, reads_content=i >= first_content) for i in range(config.n_layers))
-        self.head = Linear(config.d_model, config.vocab_size, "head", zero_init=config.zero_init)
+        self.head = Linear(config.d_model, config.vocab_size, "head", zero_init=config.zero_init, mass="edge")
         # Added after final_scale: a per-token prior that moves no Jacobian, so the bound ignores it.
         self.logit_bias = Bias(config.vocab_size, "head_bias") if config.bias else None
         if init:
             _init(self, config.seed)
 
+    def stages(self) -> list[tuple[str, Stage]]:
+        """The certified map's stages in data order: what forward_embeddings runs and bound composes."""
+        readout = Readout(self.head, self.config.final_scale, self.logit_bias)
+        return [*((f"block{i}", block) for i, block in enumerate(self.blocks)), ("head", readout)]
+
     def forward_embeddings(self, x: Tensor) -> Tensor:
         """The certified map: token embeddings [B, T, d] -> logits [B, T, vocab]."""
-        for block in self.blocks:
-            x = block(x)
-        logits = self.config.final_scale * self.head(x)
-        return logits if self.logit_bias is None else self.logit_bias(logits)
+        return run(self.stages(), x)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.forward_embeddings(self.embed(tokens))
 
-    def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
-        return _collect_groups(self, caps, sigma_max, lr_mult)
+    def declared_parameters(self) -> list[Declared]:
+        return _declared(self)
 
     def domain(self) -> Domain:
         """Token embeddings of RMS <= 1, or <= the largest stored row's RMS (rounded up) when that is larger."""
@@ -247,21 +239,10 @@ class LipschitzGPT(nn.Module):
         return Domain.token_embeddings(c.d_model, max(1.0, self.embed.max_row_rms()), c.context)
 
     def bound(self, norm_of: NormOf, tight: bool = False) -> list[tuple[str, Bound]]:
-        """Per-module certificates in data order, on :meth:`domain`; final_scale enters as |final_scale|."""
-        rows: list[tuple[str, Bound]] = []
+        """Per-stage certificates in data order on :meth:`domain`, after the domain's own row ("embed")."""
         r = self.domain().radius
         assert r is not None, "a token-embedding domain is bounded"
-        rows.append(("embed", Bound(0.0, r, {"radius": r})))
-        for i, block in enumerate(self.blocks):
-            for name, module in (("attn", block.attn), ("mlp", block.mlp)):
-                b = module.bound(r, norm_of, tight)
-                rows.append((f"block{i}.{name}", b))
-                r = b.out_norm
-        head = self.head.bound(r, norm_of, tight)
-        scale = abs(self.config.final_scale)
-        out = head.out_norm * scale + bias_rms(self.logit_bias)
-        rows.append(("head", Bound(head.log10_lipschitz + log10(scale), out, head.terms)))
-        return rows
+        return [("embed", Bound(0.0, r, {"radius": r})), *stage_rows(self.stages(), r, norm_of, tight)]
 
 
 class BaselineGPT(nn.Module):
@@ -272,6 +253,7 @@ class BaselineGPT(nn.Module):
     """
 
     arch = "baseline-gpt"
+    unbounded_reason = "RMSNorm rescales small inputs without limit: no global Lipschitz bound"
 
     def __init__(self, config: GPTConfig, init: bool = True) -> None:
         super().__init__()
@@ -300,15 +282,15 @@ class BaselineGPT(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         return self.forward_embeddings(self.embed(tokens))
 
-    def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
-        """Hidden matrices (Muon's under muon-adamw), embedding and head (AdamW's, decayed), norm gains (no decay)."""
-        hidden = [p for name, p in self.blocks.named_parameters() if p.dim() == 2]
-        gains = [p for p in self.parameters() if p.dim() == 1]
+    def declared_parameters(self) -> list[Declared]:
+        """Hidden matrices (Muon's under muon-adamw), embedding and head (AdamW's, decayed), norm gains (no decay).
+
+        Only embedding and head take a share of blocks_mass: the hidden group mixes every block matrix."""
         return [
-            Group("hidden", hidden, "matrix", lr_mult=lr_mult.get("hidden", 1.0)),
-            Group("embed", [self.embed.weight], "edge", lr_mult=lr_mult.get("embed", 1.0)),
-            Group("head", [self.head.weight], "edge", lr_mult=lr_mult.get("head", 1.0)),
-            Group("norm", gains, "gain", lr_mult=lr_mult.get("norm", 1.0)),
+            *(Declared("hidden", "matrix", p) for p in self.blocks.parameters() if p.dim() == 2),
+            Declared("embed", "edge", self.embed.weight, "edge"),
+            Declared("head", "edge", self.head.weight, "edge"),
+            *(Declared("norm", "gain", p) for p in self.parameters() if p.dim() == 1),
         ]
 
 
@@ -366,35 +348,32 @@ class LipschitzMLP(nn.Module):
         self.config = config
         dims = [config.input_dim] + [config.hidden] * (config.n_layers - 1) + [config.num_classes]
         groups = ["mlp_in"] + ["mlp_hidden"] * (config.n_layers - 2) + ["head"]
-        self.layers = nn.ModuleList(Linear(i, o, g) for i, o, g in zip(dims[:-1], dims[1:], groups, strict=True))
+        # The split as it was by group name: mlp_in (a GPT name) shares the block role, mlp_hidden (none) is outside.
+        masses = ["block"] + [None] * (config.n_layers - 2) + ["edge"]
+        self.layers = nn.ModuleList(
+            Linear(i, o, g, mass=m) for i, o, g, m in zip(dims[:-1], dims[1:], groups, masses, strict=True)
+        )
         if init:
             _init(self, config.seed)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x.flatten(1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < len(self.layers) - 1:
-                x = F.relu(x)
-        return self.config.final_scale * x
+    def stages(self) -> list[tuple[str, Stage]]:
+        """What forward runs and bound composes, in order: ReLU after every layer but the last, then final_scale."""
+        last = len(self.layers) - 1
+        layers = [(f"layer{i}", DenseReLU(layer, relu=i < last)) for i, layer in enumerate(self.layers)]
+        return [*layers, ("final_scale", Scale(self.config.final_scale))]
 
-    def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
-        return _collect_groups(self, caps, sigma_max, lr_mult)
+    def forward(self, x: Tensor) -> Tensor:
+        return run(self.stages(), x.flatten(1))
+
+    def declared_parameters(self) -> list[Declared]:
+        return _declared(self)
 
     def domain(self) -> Domain:
         return Domain.whole_space("flattened input pixels", self.config.input_dim)
 
     def bound(self, norm_of: NormOf, tight: bool = False) -> list[tuple[str, Bound]]:
-        """L2 -> L2: the product of spectral norms (RMS->RMS norm times sqrt(fan_out / fan_in)); ReLU is 1-Lipschitz.
-
-        final_scale enters as |final_scale|."""
-        rows = []
-        for i, layer in enumerate(self.layers):
-            n = float(norm_of(layer.weight))
-            fan_out, fan_in = layer.weight.shape
-            rows.append((f"layer{i}", Bound(log10(n * math.sqrt(fan_out / fan_in)), math.nan, {"norm": n})))
-        rows.append(("final_scale", Bound(log10(abs(self.config.final_scale)), math.nan, {})))
-        return rows
+        """L2 -> L2 per stage; the domain is all of R^D, so no output-norm bound (NaN)."""
+        return stage_rows(self.stages(), math.nan, norm_of, tight)
 
 
 ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {

@@ -1,14 +1,15 @@
 """Optimizers that keep their constraint after every step: Muon (+ any method) and AdamW (+ any method).
 
-Parameter groups carry ``kind`` (see :data:`KINDS`), ``method`` and ``sigma_max``; models declare
-their groups and :func:`param_groups` turns them into optimizer groups. A constraint only ever sees
-matrices; the optimizer tells it the one thing it knows that the constraint cannot: a bound on the
-norm of the step just taken.
+Models declare their parameters (group, kind, mass role: :class:`lipcli.nn.Declared`); :func:`optimizer_groups`
+applies the train config's caps and learning-rate multipliers to them, and :func:`param_groups` turns the
+groups into optimizer groups carrying ``kind`` (see :data:`KINDS`), ``method`` and ``sigma_max``. A constraint
+only ever sees matrices; the optimizer tells it the one thing it knows that the constraint cannot: a bound on
+the norm of the step just taken.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 
 from .constraints import CapContext, get_method, project
 from .errors import UserError
+from .nn import Declared
 from .spectral import MUON_COEFFS, max_gain, msign, rms_scale
 
 # Rounding inside msign (bf16 on CUDA) can push a singular value a little past the exact polynomial's max.
@@ -39,6 +41,12 @@ KINDS = {
 }
 # Under muon-adamw (modded-nanogpt's split) Muon takes these kinds, AdamW the rest.
 MUON_KINDS = ("matrix",)
+# Modula's mass split under train.blocks_mass = m: a declared parameter's role sets its lr share.
+MASS_ROLES = {
+    "edge": "embedding and head: 1 / (m + 2)",
+    "attention": "query, key and value: m / (m + 2), three times a block matrix's for the 1/3 on their output",
+    "block": "other block matrices: m / (m + 2) / 3",
+}
 
 
 def check_method(optimizer: str, method: str, wd: float | None = None) -> None:
@@ -76,6 +84,63 @@ class Group:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"group {self.name}: unknown parameter kind {self.kind!r}; known: {', '.join(KINDS)}")
+
+
+def group_names(declared: Iterable[Declared]) -> list[str]:
+    """The declared groups, in order of first appearance."""
+    return list(dict.fromkeys(d.group for d in declared))
+
+
+def mass_lr_mult(blocks_mass: float | None, declared: Iterable[Declared]) -> dict[str, float]:
+    """Each group's learning-rate share under Modula's mass split (:data:`MASS_ROLES`); {} without one."""
+    if blocks_mass is None:
+        return {}
+    block = blocks_mass / (blocks_mass + 2.0)
+    share = {"edge": 1.0 / (blocks_mass + 2.0), "attention": block, "block": block / 3}
+    return {d.group: share[d.mass] for d in declared if d.mass is not None}
+
+
+def check_group_names(declared: Iterable[Declared], tables: Mapping[str, Mapping[str, float]], model: str) -> None:
+    """Every key of every named table (train.caps, train.lr_mult) must be a declared group of ``model``."""
+    names = group_names(declared)
+    for table_name, table in tables.items():
+        unknown = sorted(set(table) - set(names))
+        if unknown:
+            raise UserError(f"{table_name}: unknown group {unknown[0]!r}; {model} has groups {', '.join(names)}")
+
+
+def optimizer_groups(
+    declared: Iterable[Declared],
+    sigma_max: float,
+    caps: Mapping[str, float],
+    lr_mult: Mapping[str, float],
+    blocks_mass: float | None = None,
+    model: str = "the model",
+) -> list[Group]:
+    """The declared parameters as groups, in order of first appearance, with the train config's caps and lr
+    multipliers (explicit ones over the mass split's); names that are not declared groups are refused."""
+    declared = list(declared)
+    check_group_names(declared, {"train.caps": caps, "train.lr_mult": lr_mult}, model)
+    mult = {**mass_lr_mult(blocks_mass, declared), **lr_mult}
+    return [
+        # Embedding rows keep unit RMS unless capped by name: sigma_max bounds matrices, not the input domain.
+        Group(name, params, kind, caps.get(name, 1.0 if kind == "embed" else sigma_max), mult.get(name, 1.0))
+        for name, (kind, params) in _by_group(declared).items()
+    ]
+
+
+def _by_group(declared: list[Declared]) -> dict[str, tuple[str, list[nn.Parameter]]]:
+    """Each group's kind and parameters, in order of first appearance; a group is one kind and one mass role."""
+    first: dict[str, Declared] = {}
+    groups: dict[str, tuple[str, list[nn.Parameter]]] = {}
+    for d in declared:
+        if d.mass is not None and d.mass not in MASS_ROLES:
+            raise ValueError(f"group {d.group}: unknown mass role {d.mass!r}; known: {', '.join(MASS_ROLES)}")
+        seen = first.setdefault(d.group, d)
+        if (seen.kind, seen.mass) != (d.kind, d.mass):
+            raise ValueError(f"group {d.group} mixes kinds or mass roles: {seen.kind}/{seen.mass}, {d.kind}/{d.mass}")
+        groups.setdefault(d.group, (d.kind, []))[1].append(d.param)
+    return groups
 
 
 def param_groups(groups: Iterable[Group], lr: float, method: str, wd: float) -> list[dict]:

@@ -35,7 +35,7 @@ from .distributed import SINGLE, World
 from .errors import UserError
 from .files import atomic_write
 from .models import build_model, config_dict, max_weight_norm
-from .optim import Muon, MuonWithAdamW, build_optimizer, check_method
+from .optim import Muon, MuonWithAdamW, build_optimizer, check_method, optimizer_groups
 from .presets import Preset, PresetError, TrainConfig, check_train_config
 from .recall import IGNORE_INDEX, RecallSpec
 from .runfiles import Pair, RunFiles
@@ -97,13 +97,10 @@ def check_group_names(preset: Preset) -> None:
         return
     with torch.device("meta"):  # shapes only: no memory, no init
         model = build_model(preset.arch, preset.model, init=False)
-    names = [group.name for group in model.groups(t.sigma_max, {}, {}) if group.params]
-    for field_name, table in (("caps", t.caps), ("lr_mult", t.lr_mult)):
-        unknown = sorted(set(table) - set(names))
-        if unknown:
-            raise PresetError(
-                f"train.{field_name}: unknown group {unknown[0]!r}; {preset.arch} has groups {', '.join(names)}"
-            )
+    try:
+        optimizer_groups(model.declared_parameters(), t.sigma_max, t.caps, t.lr_mult, model=preset.arch)
+    except UserError as exc:
+        raise PresetError(str(exc)) from None
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -116,19 +113,6 @@ def lr_factor(step: int, t: TrainConfig) -> float:
     if t.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
-
-
-def mass_lr_mult(blocks_mass: float | None) -> dict[str, float]:
-    """Modula's mass split: embed/head get 1/(m+2), q/k/v get m/(m+2), the other block matrices a third of it.
-
-    q/k/v get three times the rest because of the 1/3 on the attention output.
-    """
-    if blocks_mass is None:
-        return {}
-    block = blocks_mass / (blocks_mass + 2.0)
-    edge = 1.0 / (blocks_mass + 2.0)
-    return {"embed": edge, "head": edge, "attn_qk": block, "attn_v": block,
-            "attn_out": block / 3, "mlp_in": block / 3, "mlp_out": block / 3}  # fmt: skip
 
 
 class _LMTask:
@@ -309,8 +293,7 @@ def _train(
         del data_fields["vocab_size"]
     model_config = {**preset.model, **data_fields, "seed": t.seed}
     model = build_model(preset.arch, model_config).to(device)
-    lr_mult = {**mass_lr_mult(t.blocks_mass), **t.lr_mult}
-    groups = model.groups(t.sigma_max, t.caps, lr_mult)
+    groups = optimizer_groups(model.declared_parameters(), t.sigma_max, t.caps, t.lr_mult, t.blocks_mass, preset.arch)
     optimizer = build_optimizer(
         t.optimizer, groups, t.lr, t.method, t.wd, rank=world.rank, world_size=world.size,
         embed_inflation=t.embed_inflation, adamw_lr=t.adamw_lr,

@@ -4,6 +4,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lipcli.attention import ATTENTION_OUT_FACTOR, Attention
 from lipcli.models import (
     BaselineGPT,
     GPTConfig,
@@ -14,7 +15,8 @@ from lipcli.models import (
     config_dict,
     config_from_dict,
 )
-from lipcli.nn import ATTENTION_OUT_FACTOR, GELU_MAX_SLOPE, Attention, Residual
+from lipcli.nn import GELU_MAX_SLOPE, Residual
+from lipcli.optim import optimizer_groups
 from lipcli.spectral import rms_norm_exact
 
 CFG = GPTConfig(vocab_size=11, d_model=24, n_layers=2, n_heads=3, context=12)
@@ -92,7 +94,7 @@ def test_residual_bound_with_linear_inner_is_exact():
             return x
 
         def bound(self, in_norm, norm_of, tight=False):
-            from lipcli.nn import Bound
+            from lipcli.bounds import Bound
 
             return Bound(0.0, in_norm)
 
@@ -147,7 +149,7 @@ def test_position_bias_starts_local_and_is_a_free_group():
     bias = model.blocks[0].attn.inner.position_bias.weight
     assert bias.shape == (CFG.n_heads, CFG.context)
     assert bool((bias[:, 1:] < bias[:, :-1]).all())  # every head prefers nearer tokens at init
-    kinds = {g.name: g.kind for g in model.groups(1.0, {}, {})}
+    kinds = {d.group: d.kind for d in model.declared_parameters()}
     assert kinds["attn_pos"] == "free" and kinds["embed"] == "embed" and kinds["attn_qk"] == "matrix"
 
 
@@ -186,7 +188,7 @@ def test_biases_leave_the_lipschitz_bound_and_enter_the_output_norm_bound():
     out_rms = float(mlp(x).pow(2).mean(-1).sqrt().max())
     assert out_rms <= mlp.bound(1.0, _exact).out_norm
     assert out_rms > plain.blocks[0].mlp.inner.bound(1.0, _exact).out_norm
-    kinds = {g.name: g.kind for g in biased.groups(1.0, {}, {})}
+    kinds = {d.group: d.kind for d in biased.declared_parameters()}
     assert kinds["mlp_bias"] == "free" and kinds["head_bias"] == "free"
     logits = biased.forward_embeddings(x)
     assert biased.logit_bias is not None
@@ -342,7 +344,7 @@ def test_baseline_init_is_gpt2s_and_its_groups_cover_every_parameter_once():
     assert std["blocks.0.attn.q.weight"] == pytest.approx(0.02, rel=0.1)
     for name in ("blocks.0.attn.o.weight", "blocks.3.fc_out.weight"):
         assert std[name] == pytest.approx(0.02 / math.sqrt(8), rel=0.1)
-    groups = model.groups(1.0, {}, {"head": 0.5})
+    groups = optimizer_groups(model.declared_parameters(), 1.0, {}, {"head": 0.5})
     assert {g.name: g.kind for g in groups} == {"hidden": "matrix", "embed": "edge", "head": "edge", "norm": "gain"}
     assert sorted(id(p) for g in groups for p in g.params) == sorted(id(p) for p in model.parameters())
     assert next(g for g in groups if g.name == "head").lr_mult == 0.5

@@ -2,13 +2,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lipcli.models import GPTConfig, LipschitzGPT
-from lipcli.optim import Muon, build_optimizer, check_method, param_groups
+from lipcli.errors import UserError
+from lipcli.models import GPTConfig, LipschitzGPT, LipschitzMLP, MLPConfig
+from lipcli.nn import Declared
+from lipcli.optim import Muon, build_optimizer, check_method, group_names, mass_lr_mult, optimizer_groups, param_groups
 from lipcli.spectral import MUON_COEFFS, max_gain, rms_norm_exact, rms_scale
 
 
 def _tiny_gpt(seed: int = 0) -> LipschitzGPT:
     return LipschitzGPT(GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, seed=seed))
+
+
+def _groups(model, sigma_max: float, caps: dict | None = None, lr_mult: dict | None = None):
+    return optimizer_groups(model.declared_parameters(), sigma_max, caps or {}, lr_mult or {})
 
 
 def _lm_loss(model, tokens):
@@ -56,7 +62,7 @@ def test_training_lowers_loss_and_keeps_every_matrix_capped(method):
     torch.manual_seed(0)
     model = _tiny_gpt()
     sigma_max = 1.0
-    opt = build_optimizer("muon", model.groups(sigma_max, {}, {}), lr=0.05, method=method, wd=0.0)
+    opt = build_optimizer("muon", _groups(model, sigma_max), lr=0.05, method=method, wd=0.0)
     tokens = torch.randint(0, 13, (8, 17), generator=torch.Generator().manual_seed(3))
     first = None
     for _ in range(20):
@@ -76,7 +82,7 @@ def test_training_lowers_loss_and_keeps_every_matrix_capped(method):
 
 def test_per_group_caps_and_lr_multipliers_reach_the_optimizer():
     model = _tiny_gpt()
-    groups = model.groups(1.0, {"head": 4.0}, {"embed": 0.5})
+    groups = _groups(model, 1.0, {"head": 4.0}, {"embed": 0.5})
     opt = build_optimizer("muon", groups, lr=0.1, method="softcap", wd=0.0)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert by_name["head"]["sigma_max"] == 4.0 and by_name["attn_qk"]["sigma_max"] == 1.0
@@ -86,7 +92,7 @@ def test_per_group_caps_and_lr_multipliers_reach_the_optimizer():
 
 def test_embedding_row_cap_is_a_named_group_cap():
     model = _tiny_gpt()
-    opt = build_optimizer("muon", model.groups(2.0, {"embed": 0.5}, {}), lr=0.1, method="softcap", wd=0.0)
+    opt = build_optimizer("muon", _groups(model, 2.0, {"embed": 0.5}, {}), lr=0.1, method="softcap", wd=0.0)
     loss = _lm_loss(model, torch.randint(0, 13, (4, 9), generator=torch.Generator().manual_seed(0)))
     loss.backward()
     opt.step()
@@ -96,14 +102,14 @@ def test_embedding_row_cap_is_a_named_group_cap():
 
 def test_spec_wd_replaces_decoupled_decay():
     model = _tiny_gpt()
-    groups = param_groups(model.groups(1.0, {}, {}), lr=0.1, method="spec-wd", wd=0.3)
+    groups = param_groups(_groups(model, 1.0), lr=0.1, method="spec-wd", wd=0.3)
     matrix = next(g for g in groups if g["name"] == "mlp_in")
     assert matrix["weight_decay"] == 0.0 and matrix["spectral_decay"] == 0.3
 
 
 def test_adamw_with_constraint_caps_after_each_step():
     model = _tiny_gpt()
-    opt = build_optimizer("adamw", model.groups(0.5, {}, {}), lr=1e-2, method="hardcap", wd=0.0)
+    opt = build_optimizer("adamw", _groups(model, 0.5), lr=1e-2, method="hardcap", wd=0.0)
     tokens = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(4))
     for _ in range(3):
         opt.zero_grad()
@@ -126,7 +132,7 @@ def test_pairs_the_optimizer_cannot_honour_are_rejected(optimizer, method, reaso
 def test_identical_seeds_give_identical_training():
     def run() -> torch.Tensor:
         model = _tiny_gpt(seed=7)
-        opt = build_optimizer("muon", model.groups(1.0, {}, {}), lr=0.05, method="softcap", wd=0.0)
+        opt = build_optimizer("muon", _groups(model, 1.0), lr=0.05, method="softcap", wd=0.0)
         tokens = torch.randint(0, 13, (4, 17), generator=torch.Generator().manual_seed(5))
         for _ in range(3):
             opt.zero_grad()
@@ -139,7 +145,7 @@ def test_identical_seeds_give_identical_training():
 
 def test_muon_trains_position_biases_without_capping_them():
     model = LipschitzGPT(GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, position_bias=True))
-    opt = build_optimizer("muon", model.groups(1.0, {}, {}), lr=0.5, method="softcap", wd=0.0)
+    opt = build_optimizer("muon", _groups(model, 1.0), lr=0.5, method="softcap", wd=0.0)
     bias = model.blocks[0].attn.inner.position_bias.weight
     before = bias.detach().clone()
     tokens = torch.randint(0, 13, (8, 17), generator=torch.Generator().manual_seed(3))
@@ -158,7 +164,7 @@ def test_muon_trains_position_biases_without_capping_them():
 
 def test_embed_inflation_limits_how_far_a_rare_tokens_step_is_scaled_up():
     model = _tiny_gpt()
-    opt = build_optimizer("muon", model.groups(1.0, {}, {}), lr=0.1, method="softcap", wd=0.0, embed_inflation=2.0)
+    opt = build_optimizer("muon", _groups(model, 1.0), lr=0.1, method="softcap", wd=0.0, embed_inflation=2.0)
     embed_group = next(g for g in opt.param_groups if g["name"] == "embed")
     grad = torch.ones(13, 32)
     grad[0] *= 1e-6  # a token that barely occurs
@@ -171,7 +177,7 @@ def test_muon_adamw_splits_hidden_matrices_from_the_rest_and_decays_no_gain():
     from lipcli.optim import ConstrainedAdamW, MuonWithAdamW
 
     model = BaselineGPT(GPTConfig(vocab_size=11, d_model=16, n_layers=1, n_heads=2, context=8))
-    optimizer = build_optimizer("muon-adamw", model.groups(1.0, {}, {}), 0.05, "none", 0.1, adamw_lr=3e-3)
+    optimizer = build_optimizer("muon-adamw", _groups(model, 1.0), 0.05, "none", 0.1, adamw_lr=3e-3)
     assert isinstance(optimizer, MuonWithAdamW) and isinstance(optimizer.adamw, ConstrainedAdamW)
     by_name = {g["name"]: g for g in optimizer.param_groups}
     assert [g["name"] for g in optimizer.muon.param_groups] == ["hidden"]
@@ -188,7 +194,7 @@ def test_muon_adamw_splits_hidden_matrices_from_the_rest_and_decays_no_gain():
     assert 0.05 * 0.6 < step <= 0.05 * max_gain(MUON_COEFFS) * 1.05 + 0.05 * 0.05 * 0.1
     state = optimizer.state_dict()  # one torch-style dict: resume checks it like any optimizer's
     assert sorted(state["state"]) == list(range(sum(1 for _ in model.parameters())))
-    again = build_optimizer("muon-adamw", model.groups(1.0, {}, {}), 0.05, "none", 0.1, adamw_lr=3e-3)
+    again = build_optimizer("muon-adamw", _groups(model, 1.0), 0.05, "none", 0.1, adamw_lr=3e-3)
     again.load_state_dict(state)
     for a, b in ((again.muon, optimizer.muon), (again.adamw, optimizer.adamw)):
         sa, sb = a.state_dict()["state"], b.state_dict()["state"]
@@ -201,3 +207,47 @@ def test_unknown_parameter_kinds_are_rejected():
 
     with pytest.raises(ValueError, match="unknown parameter kind"):
         Group("x", [], "matrices")
+
+
+def test_groups_cover_every_parameter_once_and_unknown_names_are_refused_with_the_real_ones():
+    model = LipschitzGPT(GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, bias=True))
+    declared = model.declared_parameters()
+    groups = optimizer_groups(declared, 1.0, {}, {})
+    assert [g.name for g in groups] == group_names(declared)
+    assert sorted(id(p) for g in groups for p in g.params) == sorted(id(p) for p in model.parameters())
+    for table in ("caps", "lr_mult"):
+        with pytest.raises(UserError) as caught:
+            optimizer_groups(declared, 1.0, **{"caps": {}, "lr_mult": {}, table: {"attn_q": 2.0}}, model="gpt")
+        assert (
+            str(caught.value)
+            == f"train.{table}: unknown group 'attn_q'; gpt has groups {', '.join(group_names(declared))}"
+        )
+
+
+def test_blocks_mass_split_follows_the_declared_roles_as_it_followed_the_group_names():
+    m = 16.0
+    block, edge = m / (m + 2.0), 1.0 / (m + 2.0)
+    gpt = LipschitzGPT(
+        GPTConfig(vocab_size=13, d_model=32, n_layers=2, n_heads=2, context=16, position_bias=True, bias=True)
+    )
+    # The table training.py hard-coded before the split moved to optim: every value, no extra group.
+    by_name = {"embed": edge, "head": edge, "attn_qk": block, "attn_v": block,
+               "attn_out": block / 3, "mlp_in": block / 3, "mlp_out": block / 3}  # fmt: skip
+    assert mass_lr_mult(m, gpt.declared_parameters()) == by_name
+    mlp = LipschitzMLP(MLPConfig(n_layers=4))
+    assert mass_lr_mult(m, mlp.declared_parameters()) == {"mlp_in": block / 3, "head": edge}
+    assert mass_lr_mult(None, gpt.declared_parameters()) == {}
+    groups = optimizer_groups(gpt.declared_parameters(), 1.0, {}, {"attn_out": 0.7}, blocks_mass=m)
+    mult = {g.name: g.lr_mult for g in groups}
+    assert mult["attn_out"] == 0.7 and mult["mlp_in"] == block / 3  # an explicit multiplier wins over the split
+    assert mult["attn_pos"] == mult["mlp_bias"] == mult["head_bias"] == 1.0  # no role: outside the split
+
+
+def test_a_group_is_one_kind_and_one_mass_role():
+    a, b = torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="mixes kinds"):
+        optimizer_groups([Declared("g", "matrix", a), Declared("g", "free", b)], 1.0, {}, {})
+    with pytest.raises(ValueError, match="mixes kinds or mass roles"):
+        optimizer_groups([Declared("g", "matrix", a, "block"), Declared("g", "matrix", b)], 1.0, {}, {})
+    with pytest.raises(ValueError, match="unknown mass role 'hidden'"):
+        optimizer_groups([Declared("g", "matrix", a, "hidden")], 1.0, {}, {})

@@ -21,7 +21,7 @@ from lipcli.models import weight_matrices
 from lipcli.presets import TRAIN_RULES, PresetError, TrainConfig, load_preset
 from lipcli.runfiles import RunFiles
 from lipcli.spectral import rms_norm_exact
-from lipcli.training import TrainingError, TrainingInterrupted, lr_factor, mass_lr_mult, train
+from lipcli.training import TrainingError, TrainingInterrupted, lr_factor, train
 
 from .conftest import SHARED_DATA, module_data_dir, tiny_cli, tiny_preset
 
@@ -144,13 +144,9 @@ def test_unknown_preset_and_override_name_the_choices():
         tiny_preset(**{"train.learning_rate": 1})
 
 
-def test_schedule_and_mass_allocation():
+def test_schedule():
     t = load_preset().train
     assert lr_factor(0, t) == 1.0 and lr_factor(t.steps, t) == 0.0
-    mult = mass_lr_mult(16.0)
-    assert mult["attn_qk"] == pytest.approx(0.889, abs=1e-3)
-    assert mult["mlp_in"] == pytest.approx(0.296, abs=1e-3)
-    assert mult["embed"] == pytest.approx(0.0556, abs=1e-4)
 
 
 def test_public_api_trains_loads_and_certifies(tmp_path):

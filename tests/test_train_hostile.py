@@ -13,6 +13,7 @@ import lipcli.training as training
 from lipcli import checkpoint
 from lipcli.cli import app
 from lipcli.models import build_model
+from lipcli.optim import group_names
 from lipcli.runfiles import RunFiles
 
 from .conftest import module_data_dir, tiny_cli, tiny_preset
@@ -81,7 +82,7 @@ def test_a_misspelled_group_lists_the_real_group_names():
 
     preset = tiny_preset(**{"train.caps": {"attn_q": 2.0}})
     model = build_model(preset.arch, preset.model)
-    names = [group.name for group in model.groups(1.0, {}, {}) if group.params]
+    names = group_names(model.declared_parameters())
     assert {"embed", "attn_v", "head"} <= set(names)
     with pytest.raises(PresetError) as caught:
         training.validate(preset)
