@@ -210,6 +210,7 @@ class LipschitzGPT(nn.Module):
     """The paper's transformer: no LayerNorm, no QK-norm, no logit softcap; convex residuals."""
 
     arch = "lipschitz-gpt"
+    input_kind = "tokens"  # what validation batches and attacks feed it (lipcli.validation)
 
     def __init__(self, config: GPTConfig, init: bool = True) -> None:
         super().__init__()
@@ -234,6 +235,16 @@ class LipschitzGPT(nn.Module):
 
     def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
         return _collect_groups(self, caps, sigma_max, lr_mult)
+
+    def activation_sites(self) -> list[tuple[str, nn.Module, str]]:
+        """(site, module, what to record) for lipcli.activations, in data order; position-only heads have no q/k."""
+        sites = [("embed", self.embed, "output")]
+        for i, block in enumerate(self.blocks):
+            p, attn, mlp = f"block{i}.", block.attn.inner, block.mlp.inner
+            sites += [(p + n, getattr(attn, n), "output") for n in ("q", "k", "v") if getattr(attn, n)]
+            sites += [(p, attn, "attention"), (p + "mlp_pre", mlp, "pre_activation")]
+            sites += [(p + "mlp_post", mlp.fc_out, "input"), (p + "residual", block, "output")]
+        return [*sites, ("logits", self, "output")]
 
     def domain(self) -> Domain:
         """Token embeddings of RMS <= 1, or <= the largest stored row's RMS (rounded up) when that is larger."""
@@ -266,6 +277,7 @@ class BaselineGPT(nn.Module):
     """
 
     arch = "baseline-gpt"
+    input_kind = "tokens"
 
     def __init__(self, config: GPTConfig, init: bool = True) -> None:
         super().__init__()
@@ -304,6 +316,16 @@ class BaselineGPT(nn.Module):
             Group("head", [self.head.weight], "edge", lr_mult=lr_mult.get("head", 1.0)),
             Group("norm", gains, "gain", lr_mult=lr_mult.get("norm", 1.0)),
         ]
+
+    def activation_sites(self) -> list[tuple[str, nn.Module, str]]:
+        """(site, module, what to record) for lipcli.activations, in data order."""
+        sites = [("embed", self.embed, "output")]
+        for i, block in enumerate(self.blocks):
+            p, attn = f"block{i}.", block.attn
+            sites += [(p + n, getattr(attn, n), "output") for n in ("q", "k", "v")]
+            sites += [(p, attn, "attention"), (p + "mlp_pre", block.fc_in, "output")]
+            sites += [(p + "mlp_post", block.fc_out, "input"), (p + "residual", block, "output")]
+        return [*sites, ("logits", self, "output")]
 
 
 class _BaselineAttention(nn.Module):
@@ -354,6 +376,7 @@ class LipschitzMLP(nn.Module):
     """The paper's image MLP: bias-free constrained linear layers with ReLU (1-Lipschitz)."""
 
     arch = "lipschitz-mlp"
+    input_kind = "images"
 
     def __init__(self, config: MLPConfig, init: bool = True) -> None:
         super().__init__()
@@ -374,6 +397,10 @@ class LipschitzMLP(nn.Module):
 
     def groups(self, sigma_max: float, caps: dict[str, float], lr_mult: dict[str, float]) -> list[Group]:
         return _collect_groups(self, caps, sigma_max, lr_mult)
+
+    def activation_sites(self) -> list[tuple[str, nn.Module, str]]:
+        """(site, module, what to record) for lipcli.activations: each layer's output, before ReLU."""
+        return [*((f"layer{i}", layer, "output") for i, layer in enumerate(self.layers)), ("logits", self, "output")]
 
     def domain(self) -> Domain:
         return Domain.whole_space("flattened input pixels", self.config.input_dim)

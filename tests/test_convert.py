@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 from lipcli import checkpoint
 from lipcli.certification import certify
 from lipcli.cli import app
-from lipcli.convert import FP8_MAX, ConvertError, convert, load_fp8
+from lipcli.convert import ConvertError, convert
+from lipcli.precision import FP8_MAX
+from lipcli.weightfiles import load_fp8
 from lipcli.models import build_model
 from lipcli.spectral import rms_norm_exact
 
