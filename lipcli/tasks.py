@@ -18,7 +18,6 @@ from . import distributed, recall
 from .data import (
     BatchSampler,
     DataError,
-    load_image_splits,
     load_shard_splits,
     load_text_splits,
     to_device,
@@ -26,6 +25,7 @@ from .data import (
 )
 from .distributed import SINGLE, World
 from .errors import UserError
+from .images import load_image_splits
 from .models import ARCHITECTURES
 from .presets import Preset, TrainConfig
 from .recall import RecallSpec

@@ -11,7 +11,8 @@ from typing import Any, Protocol
 
 from torch import Tensor, nn
 
-from .data import DataError, load_image_splits
+from .data import DataError
+from .images import load_image_splits
 from .recall import recorded_val_batches
 
 Batch = tuple[Tensor, Tensor]

@@ -11,10 +11,10 @@ from lipcli import checkpoint
 from lipcli.certification import certify
 from lipcli.cli import app
 from lipcli.convert import ConvertError, convert
-from lipcli.precision import FP8_MAX
-from lipcli.weightfiles import load_fp8
 from lipcli.models import build_model
+from lipcli.precision import FP8_MAX
 from lipcli.spectral import rms_norm_exact
+from lipcli.weightfiles import load_fp8
 
 runner = CliRunner()
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "context": 8}
