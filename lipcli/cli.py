@@ -50,13 +50,14 @@ _D = load_preset(DEFAULT_PRESET).train
 _METHODS, _OPTIMIZERS, _DTYPES = ", ".join(METHODS), ", ".join(OPTIMIZERS), ", ".join(DTYPES)
 _ARCHS, _PROJECTIONS = ", ".join(ARCHITECTURES), ", ".join(ENFORCING)
 _BASELINES = " and ".join(load_preset(DEFAULT_PRESET).baselines)
+_PRESETS = ", ".join(available())
 
 
 @app.command()
 def train(
     ctx: typer.Context,
     preset: Annotated[
-        str, typer.Option(help="Preset name (see `lipcli presets`) or path to a .toml file.")
+        str, typer.Option(help=f"Preset name ({_PRESETS}; `lipcli presets` describes them) or path to a .toml file.")
     ] = DEFAULT_PRESET,
     method: Annotated[
         str | None,
@@ -403,7 +404,7 @@ def sweep_command(
         Path, typer.Option(help="Sweep directory: runs/, points/, results.csv, results.json and frontier.png.")
     ],
     preset: Annotated[
-        str, typer.Option(help="Preset name (see `lipcli presets`) or path to a .toml file.")
+        str, typer.Option(help=f"Preset name ({_PRESETS}; `lipcli presets` describes them) or path to a .toml file.")
     ] = DEFAULT_PRESET,
     optimizer: Annotated[str, typer.Option(help="Comma list of optimizers.")] = "muon,adamw",
     method: Annotated[

@@ -8,6 +8,7 @@ from lipcli.constraints import METHODS
 from lipcli.errors import UserError
 from lipcli.models import ARCHITECTURES
 from lipcli.optim import OPTIMIZERS
+from lipcli.presets import available
 from lipcli.projection import ENFORCING
 
 from .conftest import tiny_cli
@@ -119,6 +120,8 @@ def test_help_still_shows_for_a_bare_command():
 @pytest.mark.parametrize(
     ("command", "option", "registry"),
     [
+        ("train", "--preset", available()),
+        ("sweep", "--preset", available()),
         ("train", "--method", METHODS),
         ("train", "--optimizer", OPTIMIZERS),
         ("convert", "--config", ARCHITECTURES),
@@ -126,6 +129,6 @@ def test_help_still_shows_for_a_bare_command():
     ],
 )
 def test_help_names_every_entry_of_its_registry(command, option, registry):
-    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})  # one line per option
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "1000"})  # one line per option
     line = next(line for line in result.stdout.splitlines() if f"{option} " in line)
     assert all(name in line for name in registry), line
