@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -303,7 +304,7 @@ def sweep(result: SweepResult) -> None:
         stdout.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
-def write_plot(write: Any, path: Path) -> None:
+def write_plot(write: Callable[[], object], path: Path) -> None:
     """matplotlib writes straight to ``path``: a folder that went away or turned read-only is the user's to fix."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # as atomic_write does for every other output
