@@ -32,13 +32,12 @@ from torch.utils.hooks import RemovableHandle
 
 from . import checkpoint
 from .checkpoint import Checkpoint
-from .data import load_image_splits
+from .distributed import resolve_device
 from .errors import UserError
 from .files import atomic_write
-from .models import BaselineGPT, LipschitzGPT, LipschitzMLP
 from .nn import MLP, HeadLinear, Linear
-from .recall import recorded_val_batches
-from .training import evaluate, resolve_device
+from .training import evaluate
+from .validation import checkpoint_batches
 
 # Largest finite value of each format: a site whose max exceeds it overflows a scale-1 cast.
 LIMITS: dict[str, float] = {
@@ -233,7 +232,7 @@ def _causal(scores: Tensor) -> Tensor:
     return scores[..., torch.ones(t, t, dtype=torch.bool, device=scores.device).tril()]
 
 
-def _lipschitz_attention(record: _Recorder, prefix: str) -> Callable[[nn.Module, tuple, Tensor], None]:
+def _attention(record: _Recorder, prefix: str) -> Callable[[nn.Module, tuple, Tensor], None]:
     def hook(attn: nn.Module, args: tuple, out: Tensor) -> None:
         x = args[0]
         # The module never materializes its logits (SDPA fuses them): recompute them with its own layers.
@@ -246,27 +245,15 @@ def _lipschitz_attention(record: _Recorder, prefix: str) -> Callable[[nn.Module,
 
 
 def _register(model: nn.Module, record: _Recorder) -> list[RemovableHandle]:
-    hooks: list[tuple[nn.Module, Callable[[nn.Module, tuple, Tensor], None]]] = []
-    if isinstance(model, LipschitzGPT):
-        hooks.append((model.embed, _output(record, "embed")))
-        for i, block in enumerate(model.blocks):
-            p, attn, mlp = f"block{i}.", block.attn.inner, block.mlp.inner
-            # Position-only heads have no q or k: only the content heads' projections are sites.
-            hooks += [(getattr(attn, n), _output(record, p + n)) for n in ("q", "k", "v") if getattr(attn, n)]
-            hooks += [(attn, _lipschitz_attention(record, p)), _pre_activation(record, p + "mlp_pre", mlp)]
-            hooks += [(mlp.fc_out, _input(record, p + "mlp_post")), (block, _output(record, p + "residual"))]
-    elif isinstance(model, BaselineGPT):
-        hooks.append((model.embed, _output(record, "embed")))
-        for i, block in enumerate(model.blocks):
-            p, attn = f"block{i}.", block.attn
-            hooks += [(getattr(attn, n), _output(record, p + n)) for n in ("q", "k", "v")]
-            hooks += [(attn, _lipschitz_attention(record, p))]
-            hooks += [(block.fc_in, _output(record, p + "mlp_pre")), (block.fc_out, _input(record, p + "mlp_post"))]
-            hooks.append((block, _output(record, p + "residual")))
-    else:  # LipschitzMLP, the only other architecture a checkpoint can hold
-        hooks += [(layer, _output(record, f"layer{i}")) for i, layer in enumerate(model.layers)]
-    hooks.append((model, _output(record, "logits")))
-    return [module.register_forward_hook(hook) for module, hook in hooks]
+    """One forward hook per site the model names (``model.activation_sites()``)."""
+    hooks: dict[str, Callable[[nn.Module, str], tuple[nn.Module, _Hook]]] = {
+        "output": lambda module, name: (module, _output(record, name)),
+        "input": lambda module, name: (module, _input(record, name)),
+        "attention": lambda module, prefix: (module, _attention(record, prefix)),
+        "pre_activation": lambda mlp, name: _pre_activation(record, name, mlp),
+    }
+    chosen = [hooks[what](module, name) for name, module, what in model.activation_sites()]
+    return [module.register_forward_hook(hook) for module, hook in chosen]
 
 
 def _load(ckpt: str | Path | Checkpoint, device: str) -> Checkpoint:
@@ -282,12 +269,7 @@ def _validation(ckpt: Checkpoint, data: str | None, batches: int, batch_size: in
     """The first ``batches`` validation batches of the data the checkpoint was trained on (or ``data``)."""
     if batches < 1 or batch_size < 1:
         raise UserError(f"--batches and --batch-size must be >= 1, got {batches} and {batch_size}")
-    tc = ckpt.train_config
-    if ckpt.arch == LipschitzMLP.arch:
-        images = load_image_splits(data or tc.get("data"), seed=tc.get("seed", 0))
-        pairs = zip(images.x_val.split(batch_size), images.y_val.split(batch_size), strict=True)
-        return list(pairs)[:batches], images.source
-    return recorded_val_batches(tc, ckpt.model_config, ckpt.tokenizer, data, batch_size, batches)
+    return checkpoint_batches(ckpt, data, batch_size, batches)
 
 
 def _device_of(model: nn.Module) -> torch.device:

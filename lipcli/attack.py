@@ -3,12 +3,12 @@
 ``robustness(path, eps)`` runs a torchattacks attack (PGD/PGDL2, APGD or FGSM) at each ``eps`` and
 reports, per eps, clean, attacked and certified accuracy and the size of the perturbations it used.
 
-- **MLPs** (``lipschitz-mlp``): the attack moves the [0, 1] input pixels (torchattacks clamps to
-  [0, 1], the image domain). The certificate is L2 -> L2 with constant ``L``: a prediction is
+- **Image models** (``input_kind = "images"``, the MLP): the attack moves the [0, 1] input pixels
+  (torchattacks clamps to [0, 1], the image domain). The certificate is L2 -> L2 with constant ``L``: a prediction is
   certified at L2 radius ``r`` when it is correct and its logit margin (top minus runner-up) is
   strictly above ``sqrt(2) L r``; an Linf attack of size ``eps`` on ``D`` pixels is certified at
   ``r = eps sqrt(D)``.
-- **Language models** (``lipschitz-gpt``, ``baseline-gpt``): the attack moves the token embeddings
+- **Language models** (``input_kind = "tokens"``, both GPTs): the attack moves the token embeddings
   (the input of ``forward_embeddings``) and every position's next-token prediction counts. ``eps`` is
   in the certificate's norm, the max over positions of per-token RMS. ``linf``: every entry moves by at
   most ``eps``; ``l2``: the whole sequence moves by at most ``eps sqrt(d)`` in L2. Both sets lie in the
@@ -41,12 +41,11 @@ from torch import Tensor, nn
 
 from . import checkpoint
 from .certification import certify
-from .data import DataError, load_image_splits
+from .distributed import resolve_device
 from .errors import UserError
-from .models import LipschitzMLP
 from .nn import Domain
-from .recall import IGNORE_INDEX, recorded_val_batches
-from .training import resolve_device
+from .recall import IGNORE_INDEX
+from .validation import checkpoint_batches
 
 ATTACKS = ("pgd", "apgd", "fgsm")
 NORMS = ("l2", "linf")
@@ -313,22 +312,17 @@ def _row(eps: float, radius: float, tally: _Tally) -> AttackRow:
     return row
 
 
-def _images(ckpt: checkpoint.Checkpoint, data: str | None, n: int) -> tuple[Tensor, Tensor, str]:
-    name = data or ckpt.train_config.get("data")
-    if not name:
-        raise DataError(f"{ckpt.path} does not name its image set; pass --data digits or --data cifar10")
-    images = load_image_splits(name, seed=ckpt.train_config.get("seed", 0))
-    return images.x_val[:n], images.y_val[:n], f"{images.source}, first {min(n, len(images.y_val))} validation images"
-
-
-def _sequences(ckpt: checkpoint.Checkpoint, data: str | None, n: int) -> tuple[Tensor, Tensor, str]:
-    [(x, y)], source = recorded_val_batches(ckpt.train_config, ckpt.model_config, ckpt.tokenizer, data, n, 1)
+def _examples(ckpt: checkpoint.Checkpoint, data: str | None, n: int, images: bool) -> tuple[Tensor, Tensor, str]:
+    """The first ``n`` validation examples of the checkpoint's data (or ``data``), and their source in words."""
+    [(x, y)], source = checkpoint_batches(ckpt, data, n, 1)
+    if images:
+        return x, y, f"{source}, first {len(x)} validation images"
     return x, y, f"{source}, first {len(x)} validation windows of {x.shape[1]} tokens"
 
 
-def _descriptions(arch: str, norm: str, d: int, domain: Domain | None) -> tuple[str, str]:
+def _descriptions(images: bool, norm: str, d: int, domain: Domain | None) -> tuple[str, str]:
     """(the certificate's norm, the threat set) in words."""
-    if arch == LipschitzMLP.arch:
+    if images:
         if norm == "l2":
             return "L2 on the input pixels", "L2 ball of radius eps around the image, clamped to [0, 1]"
         return "L2 on the input pixels", f"Linf box eps around the image, clamped to [0, 1] (L2 radius eps*sqrt({d}))"
@@ -367,7 +361,7 @@ def robustness(
     started = time.perf_counter()
     dev = resolve_device(device)
     ckpt = checkpoint.load(path, device=dev)
-    is_mlp = ckpt.arch == LipschitzMLP.arch
+    is_mlp = ckpt.model.input_kind == "images"
     if attack == "apgd" and not is_mlp:
         raise UserError(f"--attack apgd needs one label per input; {ckpt.arch} predicts a sequence: use pgd or fgsm")
     # The attack's gradients are taken in float32 whatever the stored dtype; only inputs need gradients.
@@ -375,7 +369,7 @@ def robustness(
     report_cert = certify(path)
     log10_bound = report_cert.log10_bound
     count = n or (DEFAULT_IMAGES if is_mlp else DEFAULT_SEQUENCES)
-    x, y, source = _images(ckpt, data, count) if is_mlp else _sequences(ckpt, data, count)
+    x, y, source = _examples(ckpt, data, count, is_mlp)
     x, y = x.to(dev), y.to(dev)
     if is_mlp:
         width, factor, rule = x.shape[1], math.sqrt(2), "margin > sqrt(2) L radius"
@@ -385,7 +379,7 @@ def robustness(
         rule = f"margin > sqrt(2V) L radius (V = {vocab})"
     # The certificate's own domain, the one certify proves (None: no certificate, nothing to pull back into).
     domain = model.domain() if hasattr(model, "domain") else None
-    certificate_norm, threat = _descriptions(ckpt.arch, norm, width, domain)
+    certificate_norm, threat = _descriptions(is_mlp, norm, width, domain)
     note = None if math.isfinite(log10_bound) else f"no certificate ({report_cert.unbounded_reason}): certified is 0"
     predictions = int((y != IGNORE_INDEX).sum())  # recall scores its answer positions only
     report = AttackReport(str(path), ckpt.arch, attack, norm, steps, alpha, restarts, len(y), predictions, log10_bound,

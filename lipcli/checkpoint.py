@@ -32,6 +32,7 @@ from torch import nn
 from .errors import UserError
 from .files import atomic_write, one_line, strict_json
 from .models import ARCHITECTURES, LAYER_LISTS, GPTConfig, MLPConfig, build_model, config_dict, config_from_dict
+from .precision import FP8_FORMAT
 from .spectral import rms_norm_exact
 
 FORMAT_VERSION = 1
@@ -174,7 +175,7 @@ def _read_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[list[int],
 
 
 def _check_format(path: Path, metadata: dict[str, str]) -> None:
-    if metadata.get("format") == "lipcli-fp8":
+    if metadata.get("format") == FP8_FORMAT:
         raise CheckpointError(
             f"{path}: an fp8 file from `lipcli convert`; convert it back first: lipcli convert {path} OUT.safetensors "
             "--dtype fp32"
@@ -298,13 +299,30 @@ def checked_config(
     return config
 
 
-def check_finite(path: Path, model: nn.Module) -> None:
-    for name, tensor in model.state_dict().items():
+def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding a NaN or inf, or None."""
+    for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(
-                f'{path}: tensor "{name}" holds NaN or infinite values: the weights are broken '
-                "(a diverged run?); use an earlier checkpoint"
-            )
+            return name
+    return None
+
+
+def check_finite(path: Path, model: nn.Module) -> None:
+    name = first_non_finite(model.state_dict())
+    if name is not None:
+        raise CheckpointError(
+            f'{path}: tensor "{name}" holds NaN or infinite values: the weights are broken '
+            "(a diverged run?); use an earlier checkpoint"
+        )
+
+
+def rebuild(path: Path, arch: str, model_config: dict, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The fp32 model holding tensors ``state`` read from ``path``, checked as :func:`load` checks a file."""
+    layout = {name: (list(t.shape), str(t.dtype)) for name, t in state.items()}
+    model = build_model(arch, checked_config(path, arch, model_config, layout), init=False)
+    model.load_state_dict({name: t.float() for name, t in state.items()}, strict=True)
+    check_finite(path, model)
+    return model.eval()
 
 
 def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") -> Checkpoint:

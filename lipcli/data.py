@@ -1,4 +1,4 @@
-"""Corpora, tokenizers, token shards, batch sampling and small image sets for lipcli."""
+"""Corpora, tokenizers, token shards and batch sampling for lipcli (image sets: lipcli.images)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from .files import atomic_write
 
 DEFAULT_DATASET = "tinyshakespeare"
 TINYSHAKESPEARE_HUB_ID = "karpathy/tiny_shakespeare"
-CIFAR10_HUB_ID = "uoft-cs/cifar10"
-IMAGE_DATASETS = ("cifar10", "digits")
 TOKENIZERS = ("char", "gpt2")
 
 SHARD_MAGIC = 20240520
@@ -108,7 +106,7 @@ class TiktokenTokenizer:
             return cls(tiktoken.get_encoding(name))
         except Exception as exc:
             raise DataError(
-                f"could not load the {name} tokenizer ({_one_line(exc)}); it downloads once into "
+                f"could not load the {name} tokenizer ({error_summary(exc)}); it downloads once into "
                 "TIKTOKEN_CACHE_DIR, so connect once or use --tokenizer char"
             ) from exc
 
@@ -123,7 +121,7 @@ class TiktokenTokenizer:
                 special_tokens={str(k): int(v) for k, v in d["special_tokens"].items()},
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise DataError(f"invalid tiktoken tokenizer metadata ({_one_line(exc)})") from exc
+            raise DataError(f"invalid tiktoken tokenizer metadata ({error_summary(exc)})") from exc
         return cls(encoding)
 
     def encode(self, text: str) -> list[int]:
@@ -158,7 +156,7 @@ def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
     raise DataError(f"unknown tokenizer {name!r} in metadata; expected one of: {', '.join(TOKENIZERS)}")
 
 
-def _one_line(exc: BaseException) -> str:
+def error_summary(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
 
@@ -223,7 +221,7 @@ def _download(name: str, looked: list[Path]) -> tuple[str, str]:
         where = ", ".join(str(p) for p in looked)
         raise DataError(
             f"dataset {name!r} was not found locally (looked in: {where}) nor downloaded "
-            f"({_one_line(exc)}); pass --data PATH to a text file or set LIPCLI_DATA_DIR"
+            f"({error_summary(exc)}); pass --data PATH to a text file or set LIPCLI_DATA_DIR"
         ) from exc
     text = _hub_text(name, splits)
     if not text:
@@ -327,7 +325,7 @@ def load_shard_splits(train_pattern: str, val_pattern: str) -> TokenSplits:
     return TokenSplits(train=train, val=val, tokenizer=None, source=source)
 
 
-def _check_val_fraction(val_fraction: float) -> None:
+def check_val_fraction(val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction must be strictly between 0 and 1, got {val_fraction}")
 
@@ -357,7 +355,7 @@ def load_text_splits(
     tokenizer_obj: Tokenizer | None = None,
 ) -> TokenSplits:
     """Tokenize a corpus and split it: the first (1 - val_fraction) of the tokens train, the rest val."""
-    _check_val_fraction(val_fraction)
+    check_val_fraction(val_fraction)
     if tokenizer_obj is None and tokenizer not in TOKENIZERS:
         raise DataError(f"unknown tokenizer {tokenizer!r}; choose one of: {', '.join(TOKENIZERS)}")
     text, source = resolve_text(data)
@@ -462,74 +460,3 @@ def _windows(
     for chunk in chunks:
         windows = _gather(tokens, chunk, context + 1)
         yield windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
-
-
-@dataclass
-class ImageSplits:
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_val: torch.Tensor
-    y_val: torch.Tensor
-    num_classes: int
-    input_dim: int
-    source: str
-
-
-def _digits(val_fraction: float, seed: int) -> ImageSplits:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
-    x_tr, x_va, y_tr, y_va = train_test_split(
-        x, digits.target, test_size=val_fraction, random_state=seed, stratify=digits.target
-    )
-    return ImageSplits(
-        x_train=torch.from_numpy(x_tr),
-        y_train=torch.from_numpy(y_tr).long(),
-        x_val=torch.from_numpy(x_va),
-        y_val=torch.from_numpy(y_va).long(),
-        num_classes=10,
-        input_dim=x.shape[1],
-        source=f"sklearn digits ({len(x)} 8x8 images, stratified split seed {seed})",
-    )
-
-
-def _image_array(img: Any) -> np.ndarray:
-    # The hub gives PIL images; in-process datasets may hold nested lists or arrays instead.
-    if hasattr(img, "convert"):
-        img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8).reshape(-1)
-
-
-def _cifar_split(split: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    pixels = np.stack([_image_array(img) for img in split["img"]])
-    if pixels.shape[1] != 3 * 32 * 32:
-        raise DataError(f"CIFAR-10 images have {pixels.shape[1]} values, expected 3072 (32x32 RGB)")
-    x = torch.from_numpy(pixels.astype(np.float32) / 255.0)
-    return x, torch.as_tensor(np.asarray(split["label"]), dtype=torch.int64)
-
-
-def _cifar10() -> ImageSplits:
-    import datasets  # imported lazily: it is slow and only needed for CIFAR-10
-
-    try:
-        splits = datasets.load_dataset(CIFAR10_HUB_ID)
-    except Exception as exc:
-        raise DataError(
-            f"CIFAR-10 needs the Hugging Face hub or a local datasets cache ({_one_line(exc)}); "
-            "try mlp-digits to train offline"
-        ) from exc
-    x_tr, y_tr = _cifar_split(splits["train"])
-    x_va, y_va = _cifar_split(splits["test"])
-    return ImageSplits(x_tr, y_tr, x_va, y_va, 10, x_tr.shape[1], f"hub:{CIFAR10_HUB_ID} train/test")
-
-
-def load_image_splits(name: str, val_fraction: float = 0.2, seed: int = 0) -> ImageSplits:
-    """Flattened [0, 1] float32 images with int64 labels; CIFAR-10 keeps its own train/test split."""
-    if name == "digits":
-        _check_val_fraction(val_fraction)
-        return _digits(val_fraction, seed)
-    if name == "cifar10":
-        return _cifar10()
-    raise DataError(f"unknown image dataset {name!r}; known: {', '.join(IMAGE_DATASETS)}")

@@ -9,6 +9,8 @@ needed, or does anything, in a single process.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -56,6 +58,43 @@ def current_world() -> World:
         return world_from_env()
     rank = dist.get_rank()
     return World(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", rank)))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present), cpu, cuda or cuda:N, refused with one line when torch cannot use it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device must be auto, cpu, cuda or cuda:N (got {name!r})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda requested but torch sees no CUDA device")
+    return device
+
+
+def check_launch(nproc: int, device: str) -> None:
+    """Reject a launch that cannot work before starting torchrun (exit 2, as for any bad input)."""
+    if nproc < 1:
+        raise UserError(f"--nproc must be >= 1 (got {nproc})")
+    if current_world().size > 1:
+        raise UserError("--nproc starts torchrun itself; drop it when launching with torchrun")
+    gpus = torch.cuda.device_count()
+    if resolve_device(device).type == "cuda" and nproc > gpus:
+        raise UserError(f"--nproc {nproc} needs {nproc} GPUs (one per process); torch sees {gpus}")
+
+
+def run_torchrun(nproc: int, args: list[str]) -> int:
+    """``python -m torch.distributed.run`` with ``nproc`` workers of ``lipcli train args``; its exit code."""
+    # --standalone: a private rendezvous on a free port, so two jobs on one machine never collide.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "lipcli", "train", *args]  # fmt: skip
+    process = subprocess.Popen(command)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached torchrun and its workers too: let them stop, checkpoint kept, and report.
+        return process.wait()
 
 
 def process_device(device: torch.device, world: World) -> torch.device:

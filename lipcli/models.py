@@ -204,6 +204,7 @@ class LipschitzGPT(nn.Module):
     """The paper's transformer: no LayerNorm, no QK-norm, no logit softcap; convex residuals."""
 
     arch = "lipschitz-gpt"
+    input_kind = "tokens"  # what validation batches and attacks feed it (lipcli.validation)
 
     def __init__(self, config: GPTConfig, init: bool = True) -> None:
         super().__init__()
@@ -233,6 +234,16 @@ class LipschitzGPT(nn.Module):
     def declared_parameters(self) -> list[Declared]:
         return _declared(self)
 
+    def activation_sites(self) -> list[tuple[str, nn.Module, str]]:
+        """(site, module, what to record) for lipcli.activations, in data order; position-only heads have no q/k."""
+        sites = [("embed", self.embed, "output")]
+        for i, block in enumerate(self.blocks):
+            p, attn, mlp = f"block{i}.", block.attn.inner, block.mlp.inner
+            sites += [(p + n, getattr(attn, n), "output") for n in ("q", "k", "v") if getattr(attn, n)]
+            sites += [(p, attn, "attention"), (p + "mlp_pre", mlp, "pre_activation")]
+            sites += [(p + "mlp_post", mlp.fc_out, "input"), (p + "residual", block, "output")]
+        return [*sites, ("logits", self, "output")]
+
     def domain(self) -> Domain:
         """Token embeddings of RMS <= 1, or <= the largest stored row's RMS (rounded up) when that is larger."""
         c = self.config
@@ -253,6 +264,7 @@ class BaselineGPT(nn.Module):
     """
 
     arch = "baseline-gpt"
+    input_kind = "tokens"
     unbounded_reason = "RMSNorm rescales small inputs without limit: no global Lipschitz bound"
 
     def __init__(self, config: GPTConfig, init: bool = True) -> None:
@@ -292,6 +304,16 @@ class BaselineGPT(nn.Module):
             Declared("head", "edge", self.head.weight, "edge"),
             *(Declared("norm", "gain", p) for p in self.parameters() if p.dim() == 1),
         ]
+
+    def activation_sites(self) -> list[tuple[str, nn.Module, str]]:
+        """(site, module, what to record) for lipcli.activations, in data order."""
+        sites = [("embed", self.embed, "output")]
+        for i, block in enumerate(self.blocks):
+            p, attn = f"block{i}.", block.attn
+            sites += [(p + n, getattr(attn, n), "output") for n in ("q", "k", "v")]
+            sites += [(p, attn, "attention"), (p + "mlp_pre", block.fc_in, "output")]
+            sites += [(p + "mlp_post", block.fc_out, "input"), (p + "residual", block, "output")]
+        return [*sites, ("logits", self, "output")]
 
 
 class _BaselineAttention(nn.Module):
@@ -342,6 +364,7 @@ class LipschitzMLP(nn.Module):
     """The paper's image MLP: bias-free constrained linear layers with ReLU (1-Lipschitz)."""
 
     arch = "lipschitz-mlp"
+    input_kind = "images"
 
     def __init__(self, config: MLPConfig, init: bool = True) -> None:
         super().__init__()
@@ -367,6 +390,10 @@ class LipschitzMLP(nn.Module):
 
     def declared_parameters(self) -> list[Declared]:
         return _declared(self)
+
+    def activation_sites(self) -> list[tuple[str, nn.Module, str]]:
+        """(site, module, what to record) for lipcli.activations: each layer's output, before ReLU."""
+        return [*((f"layer{i}", layer, "output") for i, layer in enumerate(self.layers)), ("logits", self, "output")]
 
     def domain(self) -> Domain:
         return Domain.whole_space("flattened input pixels", self.config.input_dim)

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +25,18 @@ import torch
 from . import checkpoint
 from .activations import profile
 from .certification import certify
-from .constraints import METHODS, get_method, no_constraint
+from .constraints import get_method
 from .data import DataError
 from .errors import UserError
 from .files import atomic_write, one_line, strict_json
 from .optim import check_method
 from .presets import Preset, apply_overrides, load_preset
+from .sweep_records import COLUMNS, SIGMA_FREE_METHODS, Failure, Grid, Point, Row, Skipped, SweepResult
 from .training import TrainingError, train, validate
 
 Event = dict[str, Any]
 EventHandler = Callable[[Event], None]
 
-# Methods that never read sigma_max (none, wd): one point each instead of one per sigma.
-SIGMA_FREE_METHODS = tuple(name for name, method in METHODS.items() if method.apply is no_constraint)
 GRID_KEYS = ("optimizer", "method", "sigma_max")
 # An optimizer's learning rate does not carry over to another (Muon's 0.1 would wreck AdamW): these are the
 # defaults of the reference configs (Muon: the paper's Shakespeare run; AdamW: shakespeare-baseline).
@@ -51,95 +50,6 @@ PANELS = (("val_acc", "validation accuracy"), ("val_loss", "validation loss"))
 PROFILE_BATCHES = 2
 PROFILE_BATCH_SIZE = 16
 _POLL_S = 0.2
-
-
-@dataclass(frozen=True)
-class Point:
-    """One run of the sweep: a name (its file names in DIR) and the fully resolved preset it trains."""
-
-    name: str
-    preset: Preset
-    baseline: bool = False
-
-    @property
-    def sigma_max(self) -> float | None:
-        """The cap this point varies; None where it means nothing (the baseline, none, wd)."""
-        if self.baseline or self.preset.train.method in SIGMA_FREE_METHODS:
-            return None
-        return self.preset.train.sigma_max
-
-
-@dataclass(frozen=True)
-class Row:
-    """One finished run; bounds are +inf where the architecture has none (the baseline)."""
-
-    name: str
-    preset: str
-    optimizer: str
-    method: str
-    sigma_max: float | None
-    wd: float
-    baseline: bool
-    log10_tight: float
-    log10_paper: float
-    val_loss: float
-    val_acc: float
-    max_activation: float
-    wall_s: float  # training (summed over resumes) plus certificate and activation profile
-    checkpoint: str
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> Row:
-        # Strict JSON stores an infinite bound as null.
-        unbounded = {key: math.inf for key in ("log10_tight", "log10_paper") if values[key] is None}
-        return cls(**{**values, **unbounded})
-
-
-COLUMNS = tuple(f.name for f in fields(Row))
-
-
-@dataclass(frozen=True)
-class Skipped:
-    optimizer: str
-    method: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Failure:
-    name: str
-    error: str
-
-
-@dataclass
-class Grid:
-    points: list[Point]
-    skipped: list[Skipped]
-    notes: list[str]
-
-
-@dataclass
-class SweepResult:
-    out_dir: Path
-    rows: list[Row]  # sorted by tight bound, unbounded last
-    skipped: list[Skipped] = field(default_factory=list)
-    failed: list[Failure] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def files(self) -> dict[str, Path]:
-        return {"csv": self.out_dir / "results.csv", "json": self.out_dir / "results.json",
-                "plot": self.out_dir / "frontier.png"}  # fmt: skip
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "out_dir": str(self.out_dir),
-            "rows": [asdict(row) for row in self.rows],
-            "skipped": [asdict(s) for s in self.skipped],
-            "failed": [asdict(f) for f in self.failed],
-            "notes": self.notes,
-            "files": {kind: str(path) for kind, path in self.files.items()},
-        }
 
 
 def sweep(

@@ -1,4 +1,4 @@
-"""The training loop: data, model, constrained optimizer, evaluation, checkpoints, resume, NaN guard.
+"""The training loop: data, model, constrained optimizer, evaluation, checkpoints, NaN guard; then the certificate.
 
 Rendering stays out: progress goes to an ``on_event`` callback (the CLI draws a rich bar from it).
 """
@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -20,27 +19,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import checkpoint, distributed, recall
-from .checkpoint import CheckpointError
-from .data import (
-    BatchSampler,
-    DataError,
-    load_image_splits,
-    load_shard_splits,
-    load_text_splits,
-    to_device,
-    val_batches,
-)
-from .distributed import SINGLE, World
+from . import checkpoint, distributed
+from .certification import certify
+from .distributed import SINGLE, World, resolve_device
 from .errors import UserError
 from .files import atomic_write
-from .models import build_model, config_dict, max_weight_norm
+from .models import build_model, max_weight_norm
 from .optim import Muon, MuonWithAdamW, build_optimizer, check_method, optimizer_groups
 from .presets import Preset, PresetError, TrainConfig, check_train_config
-from .recall import IGNORE_INDEX, RecallSpec
-from .runfiles import Pair, RunFiles
-
-IMAGE_SETS = ("digits", "cifar10")
+from .recall import IGNORE_INDEX
+from .resume import restore
+from .runfiles import RunFiles
+from .tasks import Task, make_task
 
 
 class TrainingError(RuntimeError):
@@ -60,18 +50,6 @@ class TrainResult:
 
 
 Event = dict[str, Any]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device must be auto, cpu, cuda or cuda:N (got {name!r})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but torch sees no CUDA device")
-    return device
 
 
 def validate(preset: Preset, world_size: int = 1) -> Preset:
@@ -113,108 +91,6 @@ def lr_factor(step: int, t: TrainConfig) -> float:
     if t.schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
-
-
-class _LMTask:
-    """Next-token prediction on a token stream."""
-
-    def __init__(self, t: TrainConfig, context: int, world: World = SINGLE) -> None:
-        if t.data and t.data.endswith(".bin") or (t.val_data and t.val_data.endswith(".bin")):
-            if not t.val_data:
-                raise DataError("token-shard training needs train.val_data (a glob of validation shards)")
-            self.splits = load_shard_splits(t.data, t.val_data)
-        else:
-            self.splits = load_text_splits(t.data, tokenizer=t.tokenizer, val_fraction=t.val_fraction, context=context)
-        self.vocab_size = self.splits.tokenizer.vocab_size if self.splits.tokenizer else 50257
-        per_rank = distributed.local_batch_size(t.batch_size, world)
-        self.sampler = BatchSampler(self.splits.train, context, per_rank, t.seed, world.rank, world.size)
-        self.context, self.t, self.world = context, t, world
-
-    def model_fields(self) -> dict[str, Any]:
-        return {"vocab_size": self.vocab_size}
-
-    def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        return self.sampler.batch(step, device)
-
-    def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's share of the validation batches: every world.size-th one."""
-        batches = val_batches(self.splits.val, self.context, self.t.batch_size, self.t.eval_batches)
-        for x, y in islice(batches, self.world.rank, None, self.world.size):
-            yield x.to(device), y.to(device)
-
-    def tokens_per_batch(self) -> int:
-        """Tokens in one global batch (all ranks together)."""
-        return self.t.batch_size * self.context
-
-    def tokenizer_dict(self) -> dict | None:
-        return self.splits.tokenizer.to_dict() if self.splits.tokenizer else None
-
-
-class _RecallTask:
-    """Multi-query associative recall (lipcli/recall.py): fresh sequences every step, labels at answers only."""
-
-    def __init__(self, t: TrainConfig, context: int, world: World = SINGLE) -> None:
-        self.spec = RecallSpec.from_config(t, context)
-        self.per_rank = distributed.local_batch_size(t.batch_size, world)
-        self.t, self.world = t, world
-
-    def model_fields(self) -> dict[str, Any]:
-        return {"vocab_size": self.spec.vocab_size}
-
-    def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        x, y = recall.train_batch(self.spec, self.t.seed, step, self.per_rank, self.world.rank, self.world.size)
-        return to_device(x, device), to_device(y, device)
-
-    def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's share of the fixed validation set: every world.size-th batch."""
-        batches = recall.validation_batches(self.spec, self.t.batch_size, self.t.eval_batches)
-        for x, y in islice(batches, self.world.rank, None, self.world.size):
-            yield x.to(device), y.to(device)
-
-    def tokens_per_batch(self) -> int:
-        return self.t.batch_size * self.spec.length
-
-    def tokenizer_dict(self) -> None:
-        return None
-
-
-class _ImageTask:
-    """Classification of flattened images."""
-
-    def __init__(self, t: TrainConfig, world: World = SINGLE) -> None:
-        self.per_rank = distributed.local_batch_size(t.batch_size, world)
-        self.splits = load_image_splits(t.data, seed=t.seed)
-        self.t, self.world = t, world
-
-    def model_fields(self) -> dict[str, Any]:
-        return {"input_dim": self.splits.input_dim, "num_classes": self.splits.num_classes}
-
-    def batch(self, step: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """This rank's slice of the global batch for ``step``."""
-        gen = torch.Generator().manual_seed(self.t.seed * 1_000_003 + step)
-        idx = torch.randint(0, len(self.splits.y_train), (self.t.batch_size,), generator=gen)
-        mine = idx[self.world.rank * self.per_rank : (self.world.rank + 1) * self.per_rank]
-        return to_device(self.splits.x_train[mine], device), to_device(self.splits.y_train[mine], device)
-
-    def eval_batches(self, device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's share of the validation set: every world.size-th chunk of 1024."""
-        for start in range(1024 * self.world.rank, len(self.splits.y_val), 1024 * self.world.size):
-            yield self.splits.x_val[start : start + 1024].to(device), self.splits.y_val[start : start + 1024].to(device)
-
-    def tokens_per_batch(self) -> int:
-        return self.t.batch_size
-
-    def tokenizer_dict(self) -> None:
-        return None
-
-
-def make_task(preset: Preset, world: World = SINGLE) -> _LMTask | _RecallTask | _ImageTask:
-    if preset.arch == "lipschitz-mlp":
-        return _ImageTask(preset.train, world)
-    context = int(preset.model.get("context", 256))
-    if recall.is_recall(preset.train.data):
-        return _RecallTask(preset.train, context, world)
-    return _LMTask(preset.train, context, world)
 
 
 def loss_and_correct(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -274,6 +150,22 @@ def train(
         return _train(preset, files, held, resume, on_event if world.is_main else None, device, world)
 
 
+def default_out(preset: Preset) -> Path:
+    """Where a run is written when no path is given: ``runs/<preset>-<method>-<sigma>.safetensors``."""
+    t = preset.train
+    return Path("runs") / f"{preset.name}-{t.method}-{t.sigma_max:g}.safetensors"
+
+
+def certified_summary(preset: Preset, result: TrainResult) -> dict[str, Any]:
+    """The run's settings and last metrics next to the certificate of the weights it saved."""
+    bound = certify(result.checkpoint)
+    t = preset.train
+    return {"checkpoint": str(result.checkpoint), "preset": preset.name, "method": t.method,
+            "optimizer": t.optimizer, "sigma_max": t.sigma_max, **result.metrics,
+            "log10_bound": bound.log10_bound, "log10_bound_paper": bound.log10_paper,
+            "bound_norm": bound.norm_pair}  # fmt: skip
+
+
 def _train(
     preset: Preset,
     files: RunFiles,
@@ -303,7 +195,7 @@ def _train(
     # Locked only now: a run that fails on its data or configuration leaves no trace at --out.
     distributed.on_main(lambda: _lock(files, held), world)
     if resume:
-        start_step, history = _restore(files, model, optimizer, preset, world)
+        start_step, history = restore(files, model, optimizer, preset, world)
     elif files.log.exists() and world.is_main:
         files.log.unlink()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
@@ -392,15 +284,7 @@ def _lock(files: RunFiles, held: ExitStack) -> None:
 
 
 def _all_finite(tensors: dict[str, Tensor]) -> bool:
-    return _first_non_finite(tensors) is None
-
-
-def _first_non_finite(tensors: dict[str, Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or inf, or None."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
+    return checkpoint.first_non_finite(tensors) is None
 
 
 def _n_params(model: nn.Module) -> int:
@@ -423,7 +307,7 @@ def _save(
     optimizer_state: dict,
     train_config: dict,
     step: int,
-    task: _LMTask | _ImageTask,
+    task: Task,
     history: list[dict[str, Any]],
 ) -> None:
     """Weights and optimizer state as one committed pair, then the log of every evaluation so far."""
@@ -436,102 +320,3 @@ def _save(
     # Rewritten whole from the history, so it always matches the committed pair.
     rows = "".join(json.dumps(row, allow_nan=False) + "\n" for row in history)
     atomic_write(files.log, lambda tmp: tmp.write_text(rows))
-
-
-def _restore(
-    files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset, world: World
-) -> tuple[int, list]:
-    """Continue from the run at ``files``: rank 0 alone reads it (DDP's constructor then copies its weights)."""
-    state = distributed.on_main(lambda: _read_run(files, model, optimizer, preset), world)
-    optimizer.load_state_dict(state["optimizer"])
-    return state["step"], state["history"]
-
-
-def _read_run(files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset) -> dict[str, Any]:
-    """Load the run's last committed weights into ``model``; return its optimizer state, step and history.
-
-    Everything is checked before anything is loaded, so a run that cannot continue fails with one line.
-    """
-    out = files.out
-    pair = files.committed()
-    if pair is None:  # written by a lipcli before run records: OUT and OUT.optim.pt are the pair
-        pair = Pair(out, checkpoint.load(out).step)
-    elif not files.out_is_from_run(pair):
-        raise CheckpointError(
-            f"--resume: {out} was changed after training (the run's last save is step {pair.step} in "
-            f"{files.record}); train a new --out, or delete {files.record} to resume from {out} itself"
-        )
-    ckpt = checkpoint.load(pair.weights)
-    if ckpt.arch != preset.arch:
-        raise CheckpointError(f"--resume: {out} holds a {ckpt.arch} model, the preset trains {preset.arch}")
-    _check_same_model(out, ckpt.model_config, config_dict(model))
-    # checkpoint.load has refused NaN/inf weights already, naming the tensor.
-    state = checkpoint.load_optimizer(pair.weights)
-    saved_step = state["extra"].get("step") if isinstance(state["extra"], dict) else None
-    if ckpt.step != pair.step:
-        raise CheckpointError(f"--resume: {files.manifest} names step {pair.step}, its weights are at step {ckpt.step}")
-    # Legacy runs wrote the two files one after the other: a kill between them left them at different steps.
-    if saved_step != ckpt.step:
-        raise CheckpointError(
-            f"--resume: {out} is at step {ckpt.step} but its optimizer state at step {saved_step} "
-            "(the run was killed while saving): train again without --resume"
-        )
-    _check_same_optimizer(out, ckpt.train_config.get("optimizer"), state["optimizer"], optimizer, preset.train)
-    try:
-        history = json.loads(state["extra"]["history"])
-    except (KeyError, TypeError, ValueError):
-        history = None
-    if not (isinstance(history, list) and all(isinstance(row, dict) and "wall_s" in row for row in history)):
-        raise CheckpointError(f"{pair.optimizer}: no readable history in the optimizer state")
-    model.load_state_dict(ckpt.model.state_dict())
-    if pair.weights != out:
-        files.publish(pair)  # a kill between the commit and the publish left OUT one save behind
-    return {"optimizer": state["optimizer"], "step": ckpt.step, "history": history}
-
-
-def _check_same_model(out: Path, saved: dict, wanted: dict) -> None:
-    changed = [
-        f"{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(saved | wanted) if saved.get(k) != wanted.get(k)
-    ]
-    if changed:
-        raise CheckpointError(
-            f"--resume: {out} was trained with other model settings ({', '.join(changed)}); "
-            "resume with the run's settings or train a new --out"
-        )
-
-
-def _check_same_optimizer(
-    out: Path, trained_with: Any, saved: Any, optimizer: torch.optim.Optimizer, t: TrainConfig
-) -> None:
-    """The saved state must be this optimizer's, for these parameters, with the same constraint settings."""
-    if trained_with != t.optimizer:
-        raise CheckpointError(
-            f"--resume: {out} was trained with --optimizer {trained_with}, this run asks {t.optimizer}; "
-            f"resume with --optimizer {trained_with} or train a new --out"
-        )
-    unfit = CheckpointError(f"--resume: {checkpoint.optimizer_path(out)} does not fit this model's optimizer")
-    groups, state = (saved.get("param_groups"), saved.get("state")) if isinstance(saved, dict) else (None, None)
-    if not (isinstance(groups, list) and isinstance(state, dict) and len(groups) == len(optimizer.param_groups)):
-        raise unfit
-    params: list[Tensor] = []
-    for fresh, old in zip(optimizer.param_groups, groups, strict=True):
-        if not (isinstance(old, dict) and isinstance(old.get("params"), list)) or len(old["params"]) != len(
-            fresh["params"]
-        ):
-            raise unfit
-        # lr is set afresh every step from this run's settings; everything else would silently stay the run's.
-        for key in sorted(fresh.keys() & old.keys() - {"params", "lr", "initial_lr"}):
-            if type(old[key]) is not type(fresh[key]) or old[key] != fresh[key]:
-                raise CheckpointError(
-                    f"--resume: {out} was trained with {key} {old[key]!r} for group {fresh.get('name', '?')}, "
-                    f"this run asks {fresh[key]!r}; resume with the run's settings or train a new --out"
-                )
-        params += fresh["params"]
-    for index, entry in state.items():
-        if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(entry, dict)):
-            raise unfit
-        tensors = {k: v for k, v in entry.items() if isinstance(v, Tensor)}
-        if any(v.dim() > 0 and v.shape != params[index].shape for v in tensors.values()):
-            raise unfit
-        if _first_non_finite(tensors) is not None:
-            raise CheckpointError(f"--resume: {checkpoint.optimizer_path(out)} holds NaN/inf optimizer state")

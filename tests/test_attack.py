@@ -12,7 +12,8 @@ from lipcli.attack import SoundnessError, _make_attack, _SequenceBatch, parse_ep
 from lipcli.certification import certify
 from lipcli.checkpoint import load
 from lipcli.cli import app
-from lipcli.data import load_image_splits, load_text_splits, tokenizer_from_dict, val_batches
+from lipcli.data import load_text_splits, tokenizer_from_dict, val_batches
+from lipcli.images import load_image_splits
 from lipcli.presets import apply_overrides, load_preset
 from lipcli.training import train
 

@@ -4,7 +4,12 @@ import pytest
 from typer.testing import CliRunner
 
 from lipcli.cli import app
+from lipcli.constraints import METHODS
 from lipcli.errors import UserError
+from lipcli.models import ARCHITECTURES
+from lipcli.optim import OPTIMIZERS
+from lipcli.presets import available
+from lipcli.projection import ENFORCING
 
 from .conftest import tiny_cli
 
@@ -110,3 +115,20 @@ def test_usage_errors_are_one_line(args, words):
 def test_help_still_shows_for_a_bare_command():
     result = runner.invoke(app, [])
     assert "certify" in result.stdout and "convert" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("command", "option", "registry"),
+    [
+        ("train", "--preset", available()),
+        ("sweep", "--preset", available()),
+        ("train", "--method", METHODS),
+        ("train", "--optimizer", OPTIMIZERS),
+        ("convert", "--config", ARCHITECTURES),
+        ("convert", "--project", ENFORCING),
+    ],
+)
+def test_help_names_every_entry_of_its_registry(command, option, registry):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "1000"})  # one line per option
+    line = next(line for line in result.stdout.splitlines() if f"{option} " in line)
+    assert all(name in line for name in registry), line

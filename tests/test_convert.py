@@ -8,11 +8,15 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from lipcli import checkpoint
+from lipcli.activations import profile
 from lipcli.certification import certify
 from lipcli.cli import app
-from lipcli.convert import FP8_MAX, ConvertError, convert, load_fp8
+from lipcli.convert import ConvertError, convert
+from lipcli.data import DataError
 from lipcli.models import build_model
+from lipcli.precision import FP8_MAX
 from lipcli.spectral import rms_norm_exact
+from lipcli.weightfiles import load_fp8
 
 runner = CliRunner()
 TINY = {"d_model": 16, "n_layers": 1, "n_heads": 2, "context": 8}
@@ -101,6 +105,16 @@ def test_bare_state_dict_takes_config_or_preset_and_infers_sizes(tmp_path):
     loaded = checkpoint.load(tmp_path / "mlp.safetensors")
     assert loaded.arch == "lipschitz-mlp" and loaded.train_config["data"] == "digits"
     assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in mlp.state_dict().items())
+
+
+def test_data_past_the_vocabulary_is_refused_by_every_reader(tmp_path):
+    """Tiny Shakespeare has 65 characters; a 13-token model without a stored tokenizer cannot read them."""
+    path = tmp_path / "small.safetensors"
+    checkpoint.save(path, tiny_model(vocab_size=13), train_config={"data": "tinyshakespeare"})
+    with pytest.raises(DataError, match=r"larger than the model's \(13\)"):
+        convert(path, tmp_path / "out.safetensors", data="tinyshakespeare", eval_batches=1)
+    with pytest.raises(DataError, match=r"larger than the model's \(13\)"):
+        profile(path, batches=1, batch_size=2, device="cpu")
 
 
 def test_projection_certifies_an_unconstrained_model_and_reports_val_loss(tmp_path):

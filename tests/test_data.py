@@ -22,7 +22,6 @@ from lipcli.data import (
     DataError,
     ShardStream,
     TiktokenTokenizer,
-    load_image_splits,
     load_shard_splits,
     load_text_splits,
     load_token_shards,
@@ -30,6 +29,7 @@ from lipcli.data import (
     tokenizer_from_dict,
     val_batches,
 )
+from lipcli.images import load_image_splits
 
 CORPUS_BYTES = 1_115_394
 PAT_STR = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
