@@ -122,7 +122,7 @@ def train(
             "model.final_scale, model.softmax_scale, model.attn_out_scale, model.residual_scale (these multiply "
             "into the bound); model.position_bias, model.mlp_gain, model.bias, model.activation (gelu or "
             "groupsort), model.group_size (free: they leave the Lipschitz constant unchanged); "
-            "train.caps (per-group caps: embed, attn_qk, attn_v, attn_out, mlp_in, mlp_out, head), "
+            "train.caps (per-group caps; a name the model does not declare is refused with the model's list), "
             "train.lr_mult, train.blocks_mass, train.embed_inflation, train.warmup, train.schedule.",
         ),
     ] = None,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from lipcli.files import atomic_write, strict_json
 from lipcli.presets import apply_overrides, load_preset
 from lipcli.sensitivity import checkpoint_sensitivity
 from lipcli.sweep import Point, reference_point, run_point
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from frontier_plot import frontier_plot  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 THIRD = 1.0 / 3.0
@@ -100,25 +104,8 @@ def report(rows: list[dict], out: Path) -> None:
         lines.append(f"| {r['name']} | {r['val_acc']:.1%} | {r['val_loss']:.3f} | {shown} | {measured} | {ratio} |")
     atomic_write(out / "results.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        if r["log10_tight"] is None:
-            ax.axhline(r["val_acc"], ls="--", color="gray", label=f"{r['name']} (unbounded)")
-            continue
-        ax.scatter(r["log10_tight"], r["val_acc"])
-        ax.annotate(r["name"], (r["log10_tight"], r["val_acc"]), fontsize=8, xytext=(4, 2), textcoords="offset points")
-    ax.set_xlabel("log10 certified Lipschitz bound (tight)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title("shakespeare-cpu at the baseline's steps: accuracy per unit of certified bound")
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    atomic_write(out / "budget.png", lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    title = "shakespeare-cpu at the baseline's steps: accuracy per unit of certified bound"
+    frontier_plot(rows, out / "budget.png", title)
 
 
 def main() -> None:
