@@ -62,7 +62,10 @@ def msign(x: Tensor, coeffs: tuple[tuple[float, float, float], ...] = MUON_COEFF
     transposed = y.shape[-2] > y.shape[-1]
     if transposed:
         y = y.mT
-    # The Frobenius norm bounds sigma_1, so every singular value starts in [0, 1].
+    # The Frobenius norm bounds sigma_1, so every singular value starts in [0, 1]. Dividing by the largest entry
+    # first keeps the squares from underflowing (a vanishing momentum, e.g. a saturated head's q/k): an
+    # underestimated norm starts singular values above 1, where the polynomial diverges to NaN.
+    y = y / y.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(1e-30)
     y = y / (torch.linalg.matrix_norm(y, keepdim=True) + 1e-30)
     y = _polynomial_steps(y, coeffs + (CUBIC_POLISH,) * polish)
     if transposed:

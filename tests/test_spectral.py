@@ -50,6 +50,15 @@ def test_msign_muon_keeps_singular_vectors_and_bounded_gain():
     assert float(off_diagonal.abs().max()) < 1e-3
 
 
+@pytest.mark.parametrize("scale", [1e-24, 1e-30, 0.0])
+def test_msign_of_a_vanishing_update_stays_finite_and_bounded(scale):
+    # A saturated attention head's q/k momentum decays to ~1e-22: float32 squares of its entries underflow.
+    w = _random((1, 64, 256), 5) * scale
+    o = msign(w)
+    assert bool(torch.isfinite(o).all())
+    assert float(torch.linalg.matrix_norm(o.double(), ord=2).max()) <= max_gain(MUON_COEFFS) + 1e-4
+
+
 def test_muon_gain_matches_measured_inflation():
     # ECOSYSTEM.md: the default quintic inflates a singular value to about 1.2024.
     assert max_gain(MUON_COEFFS) == pytest.approx(1.2024, abs=2e-4)
