@@ -106,7 +106,10 @@ def check_group_names(declared: Iterable[Declared], tables: Mapping[str, Mapping
     for table_name, table in tables.items():
         unknown = sorted(set(table) - set(names))
         if unknown:
-            raise UserError(f"{table_name}: unknown group {unknown[0]!r}; {model} has groups {', '.join(names)}")
+            raise UserError(
+                f"{table_name}: unknown group {unknown[0]!r}; {model} has groups {', '.join(names)} "
+                f"(a preset's table can name a group your overrides removed: --set {table_name}='{{...}}' replaces it)"
+            )
 
 
 def optimizer_groups(

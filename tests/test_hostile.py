@@ -43,8 +43,7 @@ TRAIN_CONFIG = {"data": "tinyshakespeare", "tokenizer": "char", "val_fraction": 
 SWEEP = ["sweep", "--optimizer", "muon", "--method", "softcap", "--sigma-max", "1", "--no-baseline", "--steps", "1",
          "--set", "model.d_model=16", "--set", "model.n_layers=1", "--set", "model.n_heads=2",
          "--set", "model.residual_scale=1", "--set", "model.context=16", "--set", "train.device=cpu",
-         "--set", "model.position_bias=false", "--set", "model.softmax_scale=1",
-         "--set", "model.activation=gelu"]  # fmt: skip
+         "--set", "model.softmax_scale=1", "--set", "model.activation=gelu"]  # fmt: skip
 MLP_SWEEP = ["sweep", "--preset", "mlp-digits", "--optimizer", "muon", "--method", "softcap", "--sigma-max", "1",
              "--no-baseline", "--steps", "1", "--set", "train.device=cpu"]  # fmt: skip
 

@@ -218,9 +218,8 @@ def test_groups_cover_every_parameter_once_and_unknown_names_are_refused_with_th
     for table in ("caps", "lr_mult"):
         with pytest.raises(UserError) as caught:
             optimizer_groups(declared, 1.0, **{"caps": {}, "lr_mult": {}, table: {"attn_q": 2.0}}, model="gpt")
-        assert (
-            str(caught.value)
-            == f"train.{table}: unknown group 'attn_q'; gpt has groups {', '.join(group_names(declared))}"
+        assert str(caught.value).startswith(
+            f"train.{table}: unknown group 'attn_q'; gpt has groups {', '.join(group_names(declared))} ("
         )
 
 
