@@ -211,8 +211,8 @@ class LipschitzGPT(nn.Module):
         self.config = config
         self.embed = Embedding(config.vocab_size, config.d_model)
         # Early layers can gather by position (e.g. "the previous token") for free; content lookups come last.
-        first_content = config.n_layers - (config.n_layers if config.content_layers is None else config.content_layers)
-        self.blocks = nn.ModuleList(Block(config, reads_content=i >= first_content) for i in range(config.n_layers))
+        plain = 0 if config.content_layers is None else config.n_layers - config.content_layers
+        self.blocks = nn.ModuleList(Block(config, reads_content=i >= plain) for i in range(config.n_layers))
         self.head = Linear(config.d_model, config.vocab_size, "head", zero_init=config.zero_init, mass="edge")
         # Added after final_scale: a per-token prior that moves no Jacobian, so the bound ignores it.
         self.logit_bias = Bias(config.vocab_size, "head_bias") if config.bias else None
