@@ -43,6 +43,7 @@ from . import checkpoint
 from .certification import certify
 from .distributed import resolve_device
 from .errors import UserError
+from .models import IMAGES
 from .nn import Domain
 from .recall import IGNORE_INDEX
 from .validation import checkpoint_batches
@@ -361,7 +362,7 @@ def robustness(
     started = time.perf_counter()
     dev = resolve_device(device)
     ckpt = checkpoint.load(path, device=dev)
-    is_mlp = ckpt.model.input_kind == "images"
+    is_mlp = ckpt.model.input_kind == IMAGES
     if attack == "apgd" and not is_mlp:
         raise UserError(f"--attack apgd needs one label per input; {ckpt.arch} predicts a sequence: use pgd or fgsm")
     # The attack's gradients are taken in float32 whatever the stored dtype; only inputs need gradients.

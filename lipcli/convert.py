@@ -26,7 +26,7 @@ from . import checkpoint
 from .constraints import get_method
 from .data import DataError
 from .files import check_writable, one_line
-from .models import ARCHITECTURES, LipschitzGPT, config_dict, max_weight_norm
+from .models import ARCHITECTURES, IMAGES, TOKENS, LipschitzGPT, config_dict, max_weight_norm
 from .precision import DTYPES, stored_tensors
 from .presets import PresetError, load_preset
 from .projection import ENFORCING, project_model
@@ -83,10 +83,10 @@ def _inferred(arch: str, fields: dict, state: dict[str, Tensor]) -> dict:
     found: dict[str, int] = {}
     # An unknown arch finds nothing here; checkpoint.rebuild then names it.
     kind = ARCHITECTURES[arch][0].input_kind if arch in ARCHITECTURES else None
-    if kind == "tokens" and len(shapes.get("embed.weight", ())) == 2:
+    if kind == TOKENS and len(shapes.get("embed.weight", ())) == 2:
         found = dict(zip(("vocab_size", "d_model"), shapes["embed.weight"], strict=True))
     layers = sorted(int(n.split(".")[1]) for n in shapes if n.startswith("layers.") and n.endswith(".weight"))
-    if kind == "images" and layers and len(shapes["layers.0.weight"]) == 2:
+    if kind == IMAGES and layers and len(shapes["layers.0.weight"]) == 2:
         found = {"input_dim": shapes["layers.0.weight"][1], "num_classes": shapes[f"layers.{layers[-1]}.weight"][0]}
     return {**found, **fields}
 

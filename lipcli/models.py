@@ -34,6 +34,9 @@ from .nn import (
 )
 from .spectral import rms_norm_exact
 
+# What a model class reads (its input_kind): token ids, or flattened images. Tasks, validation and attack key on it.
+TOKENS, IMAGES = "tokens", "images"
+
 
 @dataclass
 class GPTConfig:
@@ -204,7 +207,7 @@ class LipschitzGPT(nn.Module):
     """The paper's transformer: no LayerNorm, no QK-norm, no logit softcap; convex residuals."""
 
     arch = "lipschitz-gpt"
-    input_kind = "tokens"  # what validation batches and attacks feed it (lipcli.validation)
+    input_kind = TOKENS
 
     def __init__(self, config: GPTConfig, init: bool = True) -> None:
         super().__init__()
@@ -264,7 +267,7 @@ class BaselineGPT(nn.Module):
     """
 
     arch = "baseline-gpt"
-    input_kind = "tokens"
+    input_kind = TOKENS
     unbounded_reason = "RMSNorm rescales small inputs without limit: no global Lipschitz bound"
 
     def __init__(self, config: GPTConfig, init: bool = True) -> None:
@@ -364,7 +367,7 @@ class LipschitzMLP(nn.Module):
     """The paper's image MLP: bias-free constrained linear layers with ReLU (1-Lipschitz)."""
 
     arch = "lipschitz-mlp"
-    input_kind = "images"
+    input_kind = IMAGES
 
     def __init__(self, config: MLPConfig, init: bool = True) -> None:
         super().__init__()
@@ -414,10 +417,16 @@ ARCHITECTURES: dict[str, tuple[type[nn.Module], type]] = {
 LAYER_LISTS = {LipschitzGPT.arch: "blocks", BaselineGPT.arch: "blocks", LipschitzMLP.arch: "layers"}
 
 
-def config_from_dict(arch: str, values: dict) -> GPTConfig | MLPConfig:
-    """Build the config dataclass for ``arch``, rejecting unknown fields and invalid values by name."""
+def model_class(arch: str) -> type[nn.Module]:
+    """The class registered for ``arch``, refused by name when there is none."""
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[arch][0]
+
+
+def config_from_dict(arch: str, values: dict) -> GPTConfig | MLPConfig:
+    """Build the config dataclass for ``arch``, rejecting unknown fields and invalid values by name."""
+    model_class(arch)  # an unknown arch is refused by name
     config_cls = ARCHITECTURES[arch][1]
     known = {f.name for f in fields(config_cls)}
     unknown = sorted(set(values) - known)

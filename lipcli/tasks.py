@@ -12,7 +12,7 @@ from itertools import islice
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import distributed, recall
 from .data import (
@@ -24,18 +24,10 @@ from .data import (
     val_batches,
 )
 from .distributed import SINGLE, World
-from .errors import UserError
 from .images import load_image_splits
-from .models import ARCHITECTURES
+from .models import IMAGES, model_class
 from .presets import Preset, TrainConfig
 from .recall import RecallSpec
-
-
-def model_class(arch: str) -> type[nn.Module]:
-    """The class registered for ``arch``, refused by name when there is none."""
-    if arch not in ARCHITECTURES:
-        raise UserError(f"unknown architecture {arch!r}; known: {', '.join(ARCHITECTURES)}")
-    return ARCHITECTURES[arch][0]
 
 
 class _LMTask:
@@ -136,7 +128,7 @@ Task = _LMTask | _RecallTask | _ImageTask
 
 def make_task(preset: Preset, world: World = SINGLE) -> Task:
     """The task feeding ``preset``'s model, chosen by the input kind its model class declares."""
-    if model_class(preset.arch).input_kind == "images":
+    if model_class(preset.arch).input_kind == IMAGES:
         return _ImageTask(preset.train, world)
     context = int(preset.model.get("context", 256))
     if recall.is_recall(preset.train.data):

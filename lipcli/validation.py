@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .data import DataError
 from .images import load_image_splits
+from .models import IMAGES
 from .recall import recorded_val_batches
 
 Batch = tuple[Tensor, Tensor]
@@ -33,7 +34,7 @@ def checkpoint_batches(
     """The first ``max_batches`` validation batches of the data ``trained`` was fit on (or of ``data``), and their
     source in words."""
     tc = trained.train_config
-    if trained.model.input_kind == "images":
+    if trained.model.input_kind == IMAGES:
         return image_batches(tc, data, batch_size, max_batches)
     batches, source = recorded_val_batches(tc, trained.model_config, trained.tokenizer, data, batch_size, max_batches)
     vocab = int(trained.model_config["vocab_size"])
