@@ -18,6 +18,13 @@ from .nn import HeadLinear, Linear
 from .spectral import certified_product_bound, rms_scale
 
 ATTENTION_OUT_FACTOR = 1.0 / 3.0  # the reference architecture's 1/3 on the attention output (the default)
+# How content heads see position besides RoPE: the position heads' learned bias, ALiBi's fixed slopes, or nothing.
+CONTENT_BIASES = ("learned", "alibi", "none")
+
+
+def alibi_slopes(n_heads: int) -> Tensor:
+    """ALiBi's (Press et al. 2022) slope per head: head h favours recent tokens at 2^(-8(h+1)/H) per step back."""
+    return 2.0 ** (-8.0 * torch.arange(1, n_heads + 1, dtype=torch.float32) / n_heads)
 
 
 class Rotary(nn.Module):
@@ -38,7 +45,8 @@ class Rotary(nn.Module):
 
 
 class PositionBias(nn.Module):
-    """A learned attention-logit bias per head and relative offset t - s (T5/ALiBi-style).
+    """A learned attention-logit bias per head and relative offset t - s (T5/ALiBi-style), for heads
+    ``first_head`` to ``n_heads - 1``.
 
     It does not depend on the input, so it moves no Jacobian and adds nothing to any Lipschitz bound
     (docs/certify.md): heads can attend sharply by position while softmax_scale, which the bound pays
@@ -48,36 +56,36 @@ class PositionBias(nn.Module):
     constraint_kind = "free"
     mass = None
 
-    def __init__(self, n_heads: int, context: int) -> None:
+    def __init__(self, n_heads: int, context: int, first_head: int = 0) -> None:
         super().__init__()
         self.group = "attn_pos"
-        self.weight = nn.Parameter(torch.empty(n_heads, context))
+        self.n_heads, self.first_head = n_heads, first_head
+        self.weight = nn.Parameter(torch.empty(n_heads - first_head, context))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """ALiBi's slopes: head h starts out favouring recent tokens at its own rate, 2^(-8(h+1)/H) per step back."""
-        n_heads, context = self.weight.shape
-        slopes = 2.0 ** (-8.0 * torch.arange(1, n_heads + 1, dtype=torch.float32) / n_heads)
+        """ALiBi's slopes: each head starts out favouring recent tokens at its own rate (:func:`alibi_slopes`)."""
+        slopes = alibi_slopes(self.n_heads)[self.first_head :]
         with torch.no_grad():
-            self.weight.copy_(-slopes[:, None] * torch.arange(context, dtype=torch.float32))
+            self.weight.copy_(-slopes[:, None] * torch.arange(self.weight.shape[1], dtype=torch.float32))
 
-    def forward(self, t: int) -> Tensor:
-        """The additive causal mask [n_heads, t, t]: bias[h, i - j] where j <= i, -inf after i."""
-        if t > self.weight.shape[1]:
-            raise UserError(f"sequence of {t} tokens is longer than the position bias's {self.weight.shape[1]}")
-        pos = torch.arange(t, device=self.weight.device)
-        offset = pos[:, None] - pos[None, :]
-        bias = self.weight[:, offset.clamp_min(0)]
-        return bias.masked_fill(offset < 0, -math.inf)
+    def forward(self, offset: Tensor) -> Tensor:
+        """bias[h, offset] for a [t, t] matrix of offsets t - s >= 0: [heads, t, t]."""
+        if offset.shape[-1] > self.weight.shape[1]:
+            raise UserError(
+                f"sequence of {offset.shape[-1]} tokens is longer than the position bias's {self.weight.shape[1]}"
+            )
+        return self.weight[:, offset]
 
 
 class Attention(nn.Module):
     """Causal multi-head attention with a fixed output factor: content heads beside position heads.
 
     The first ``content_heads`` heads read content: logits ``softmax_scale q.k / d_head`` with RoPE on q and
-    k (plus the position bias, if any). The other heads attend by position only: their pattern is the
-    softmax of their position bias (uniform over the causal prefix without one), the same for every input,
-    so they cost nothing in the query/key term of the bound. ``softmax_scale = 0`` makes every head a
-    position head. Only content heads have q and k weights.
+    k, plus their position bias (``content_bias``: the learned one the position heads have, ALiBi's fixed
+    slopes, or none). The other heads attend by position only: their pattern is the softmax of their learned
+    position bias (uniform over the causal prefix without one), the same for every input, so they cost nothing
+    in the query/key term of the bound. ``softmax_scale = 0`` makes every head a position head. Only content
+    heads have q and k weights.
     """
 
     def __init__(
@@ -89,12 +97,15 @@ class Attention(nn.Module):
         position_context: int = 0,
         out_scale: float = ATTENTION_OUT_FACTOR,
         content_heads: int | None = None,
+        content_bias: str = "learned",
     ) -> None:
         super().__init__()
         if d_model % n_heads:
             raise UserError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         if content_heads is not None and not 0 <= content_heads <= n_heads:
             raise UserError(f"content_heads must lie in [0, n_heads = {n_heads}], not {content_heads}")
+        if content_bias not in CONTENT_BIASES:
+            raise UserError(f"content_bias must be one of {', '.join(CONTENT_BIASES)}, not {content_bias!r}")
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.softmax_scale, self.out_scale = softmax_scale, out_scale
         self.content_heads = 0 if softmax_scale == 0 else (n_heads if content_heads is None else content_heads)
@@ -104,7 +115,12 @@ class Attention(nn.Module):
         self.v = HeadLinear(d_model, n_heads, self.head_dim, "attn_v")
         self.o = Linear(d_model, d_model, "attn_out", zero_init=zero_init)
         self.rotary = Rotary(self.head_dim)
-        self.position_bias = PositionBias(n_heads, position_context) if position_context else None
+        # A learned bias can outgrow any content logit the bound affords (bench/content): content heads may opt out.
+        learned_from = 0 if content_bias == "learned" else m
+        learns = position_context and learned_from < n_heads
+        self.position_bias = PositionBias(n_heads, position_context, learned_from) if learns else None
+        self.content_bias = content_bias if m else "none"
+        self.register_buffer("content_slopes", alibi_slopes(n_heads)[:m], persistent=False)
 
     @property
     def content_free(self) -> bool:
@@ -112,11 +128,20 @@ class Attention(nn.Module):
         return self.content_heads == 0
 
     def _bias(self, t: int, device: torch.device) -> Tensor:
-        """The additive logit mask [n_heads, t, t]: the position bias, or 0 on the causal prefix; -inf after."""
-        if self.position_bias is not None:
-            return self.position_bias(t)
-        causal = torch.ones(t, t, dtype=torch.bool, device=device).tril()
-        return torch.zeros(t, t, device=device).masked_fill(~causal, -math.inf).expand(self.n_heads, t, t)
+        """The additive logit mask [n_heads, t, t]: each head's position bias (0 where it has none); -inf after t."""
+        pos = torch.arange(t, device=device)
+        offset = pos[:, None] - pos[None, :]
+        past = offset.clamp_min(0)
+        dtype = self.content_slopes.dtype
+        learned = self.position_bias(past) if self.position_bias is not None else torch.zeros(0, t, t, device=device)
+        fixed = torch.zeros(self.n_heads - learned.shape[0], t, t, device=device, dtype=dtype)
+        if self.content_bias == "alibi":
+            fixed[: self.content_heads] = -self.content_slopes[:, None, None] * past
+        return torch.cat((fixed, learned.to(dtype))).masked_fill(offset < 0, -math.inf)
+
+    def _causal_only(self) -> bool:
+        """The content heads' logits are q.k alone, so SDPA's causal kernel applies."""
+        return self.content_bias == "none" or (self.content_bias == "learned" and self.position_bias is None)
 
     def _content_qk(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The content heads' RoPE'd q (times softmax_scale / d_head) and k, [B, content_heads, T, d_head] each."""
@@ -131,7 +156,7 @@ class Attention(nn.Module):
         v = self.v(x)
         bias = self._bias(t, x.device).to(v.dtype)
         if m:
-            if self.position_bias is None:
+            if self._causal_only():
                 parts.append(F.scaled_dot_product_attention(q, k, v[:, :m], is_causal=True, scale=1.0))
             else:
                 parts.append(F.scaled_dot_product_attention(q, k, v[:, :m], attn_mask=bias[:m], scale=1.0))

@@ -120,8 +120,10 @@ def train(
             help="Override any preset field, e.g. --set model.final_scale=8 --set train.caps='{\"head\": 4}'. "
             "Where the Lipschitz budget goes (all counted by certify; README 'Spending the Lipschitz budget'): "
             "model.final_scale, model.softmax_scale, model.attn_out_scale, model.residual_scale (these multiply "
-            "into the bound); model.position_bias, model.mlp_gain, model.bias, model.activation (gelu or "
-            "groupsort), model.group_size (free: they leave the Lipschitz constant unchanged); "
+            "into the bound); model.content_heads, model.content_layers (which heads read content and pay for it); "
+            "model.position_bias, model.content_bias (learned, alibi or none), model.mlp_gain, model.bias, "
+            "model.activation (gelu or groupsort), model.group_size (free: they leave the Lipschitz constant "
+            "unchanged); "
             "train.caps (per-group caps; a name the model does not declare is refused with the model's list), "
             "train.lr_mult, train.blocks_mass, train.embed_inflation, train.warmup, train.schedule.",
         ),

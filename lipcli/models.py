@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import ATTENTION_OUT_FACTOR, Attention, PositionBias, Rotary
+from .attention import ATTENTION_OUT_FACTOR, CONTENT_BIASES, Attention, PositionBias, Rotary
 from .bounds import Bound, NormOf
 from .compose import Chain, Stage, run, stage_rows
 from .errors import UserError
@@ -53,6 +53,9 @@ class GPTConfig:
     final_scale: float = 1.0  # fixed logit multiplier: counted in the certificate
     zero_init: bool = True  # zero-init attention/MLP output projections and the head (the reference's)
     position_bias: bool = False  # learned per-head logit bias by relative offset: free in the bound
+    content_bias: str = (
+        "learned"  # content heads' position bias: "learned" (as position heads'), "alibi" (fixed), "none"
+    )
     attn_out_scale: float = ATTENTION_OUT_FACTOR  # fixed factor on the attention output: counted in the bound
     mlp_gain: float = 1.0  # GeLU operating point: W_out GeLU(g W_in x) / g; cancels in the bound
     bias: bool = False  # learned biases in the MLPs and on the logits: input-independent, free in the bound
@@ -138,6 +141,8 @@ def _check_lipschitz_gpt(config: GPTConfig) -> None:
         )
     if config.activation not in ACTIVATIONS:
         raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {config.activation!r})")
+    if config.content_bias not in CONTENT_BIASES:
+        raise UserError(f"model.content_bias must be one of {', '.join(CONTENT_BIASES)} (got {config.content_bias!r})")
     hidden = config.mlp_ratio * config.d_model
     if config.activation == "groupsort" and hidden % config.group_size:
         raise UserError(f"model.group_size ({config.group_size}) must divide the MLP width {hidden}")
@@ -193,7 +198,7 @@ class Block(Chain):
         position_context = config.context if config.position_bias else 0
         attention = Attention(
             config.d_model, config.n_heads, config.softmax_scale, config.zero_init, position_context,
-            config.attn_out_scale, config.content_heads if reads_content else 0,
+            config.attn_out_scale, config.content_heads if reads_content else 0, config.content_bias,
         )  # fmt: skip
         self.attn = Residual(attention, a)
         mlp = MLP(
@@ -246,6 +251,22 @@ class LipschitzGPT(nn.Module):
             sites += [(p, attn, "attention"), (p + "mlp_pre", mlp, "pre_activation")]
             sites += [(p + "mlp_post", mlp.fc_out, "input"), (p + "residual", block, "output")]
         return [*sites, ("logits", self, "output")]
+
+    def fixed_scales(self) -> dict[str, float]:
+        """The fixed scales the bound counts and training may anneal (train.anneal_from), with their values;
+        softmax_scale only where some head reads content."""
+        c = self.config
+        scales = {"final_scale": c.final_scale, "attn_out_scale": c.attn_out_scale}
+        if any(block.attn.inner.content_heads for block in self.blocks):
+            scales["softmax_scale"] = c.softmax_scale
+        return scales
+
+    def set_fixed_scales(self, values: dict[str, float]) -> None:
+        """Set scales named by :meth:`fixed_scales`; the config follows, so a checkpoint records the values in use."""
+        self.config = replace(self.config, **values)
+        for block in self.blocks:
+            block.attn.inner.softmax_scale = self.config.softmax_scale
+            block.attn.inner.out_scale = self.config.attn_out_scale
 
     def domain(self) -> Domain:
         """Token embeddings of RMS <= 1, or <= the largest stored row's RMS (rounded up) when that is larger."""

@@ -53,6 +53,11 @@ class TrainConfig:
     device: str = "auto"
     dtype: str = "fp32"
     compile: bool = False
+    # lipcli/anneal.py: fixed scales (e.g. softmax_scale, final_scale) to start from, moved linearly to the
+    # model's own values between these steps; the model's values are what the checkpoint holds and certify bounds.
+    anneal_from: dict[str, float] = field(default_factory=dict)
+    anneal_start: int = 0
+    anneal_end: int = 0
     # data = "recall" (lipcli/recall.py, MQAR): key and value vocabularies, pairs listed, keys asked per sequence.
     recall_keys: int = 32
     recall_values: int = 32
@@ -190,6 +195,9 @@ TRAIN_RULES: dict[str, Rule] = {
     "device": Rule(str),
     "dtype": Rule(str, choices=("fp32", "bf16")),
     "compile": Rule(bool),
+    "anneal_from": Rule(dict),
+    "anneal_start": Rule(int, ge=0),
+    "anneal_end": Rule(int, ge=0),
     # Recall sizes: lipcli.recall.RecallSpec checks how they fit together (pairs <= keys, context) by name.
     "recall_keys": Rule(int, ge=1),
     "recall_values": Rule(int, ge=1),

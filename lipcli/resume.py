@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, distributed
+from . import anneal, checkpoint, distributed
 from .checkpoint import CheckpointError
 from .distributed import World
 from .models import config_dict
@@ -22,15 +22,25 @@ from .runfiles import Pair, RunFiles
 
 
 def restore(
-    files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset, world: World
+    files: RunFiles,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    preset: Preset,
+    world: World,
+    final_scales: dict[str, float],
 ) -> tuple[int, list]:
-    """Continue from the run at ``files``: rank 0 alone reads it (DDP's constructor then copies its weights)."""
-    state = distributed.on_main(lambda: _read_run(files, model, optimizer, preset), world)
+    """Continue from the run at ``files``: rank 0 alone reads it (DDP's constructor then copies its weights).
+
+    ``final_scales``: the model's values of the scales the run anneals; its checkpoints hold the values in use.
+    """
+    state = distributed.on_main(lambda: _read_run(files, model, optimizer, preset, final_scales), world)
     optimizer.load_state_dict(state["optimizer"])
     return state["step"], state["history"]
 
 
-def _read_run(files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset) -> dict[str, Any]:
+def _read_run(
+    files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimizer, preset: Preset, final_scales: dict[str, float]
+) -> dict[str, Any]:
     """Load the run's last committed weights into ``model``; return its optimizer state, step and history.
 
     Everything is checked before anything is loaded, so a run that cannot continue fails with one line.
@@ -47,7 +57,9 @@ def _read_run(files: RunFiles, model: nn.Module, optimizer: torch.optim.Optimize
     ckpt = checkpoint.load(pair.weights)
     if ckpt.arch != preset.arch:
         raise CheckpointError(f"--resume: {out} holds a {ckpt.arch} model, the preset trains {preset.arch}")
-    _check_same_model(out, ckpt.model_config, config_dict(model))
+    # The last step before the save ran at the annealed scales of its index (lipcli/anneal.py).
+    in_use = anneal.scales_at(ckpt.step - 1, preset.train, final_scales) if final_scales else {}
+    _check_same_model(out, ckpt.model_config, {**config_dict(model), **in_use})
     # checkpoint.load has refused NaN/inf weights already, naming the tensor.
     state = checkpoint.load_optimizer(pair.weights)
     saved_step = state["extra"].get("step") if isinstance(state["extra"], dict) else None

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import checkpoint, distributed
+from . import anneal, checkpoint, distributed
 from .certification import certify
 from .distributed import SINGLE, World, resolve_device
 from .errors import UserError
@@ -64,14 +64,15 @@ def validate(preset: Preset, world_size: int = 1) -> Preset:
         raise PresetError(str(exc)) from None
     resolve_device(t.device)
     distributed.local_batch_size(t.batch_size, World(size=world_size))
-    check_group_names(preset)
+    check_model_settings(preset)
     return replace(preset, train=t)
 
 
-def check_group_names(preset: Preset) -> None:
-    """Every key of train.caps and train.lr_mult must name one of the model's parameter groups."""
+def check_model_settings(preset: Preset) -> None:
+    """The train settings that name parts of the model: train.caps and train.lr_mult must name its parameter
+    groups, train.anneal_from its fixed scales (lipcli/anneal.py)."""
     t = preset.train
-    if not (t.caps or t.lr_mult):
+    if not (t.caps or t.lr_mult or t.anneal_from):
         return
     with torch.device("meta"):  # shapes only: no memory, no init
         model = build_model(preset.arch, preset.model, init=False)
@@ -79,6 +80,7 @@ def check_group_names(preset: Preset) -> None:
         optimizer_groups(model.declared_parameters(), t.sigma_max, t.caps, t.lr_mult, model=preset.arch)
     except UserError as exc:
         raise PresetError(str(exc)) from None
+    anneal.check(model, t, preset.arch)
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
@@ -191,11 +193,12 @@ def _train(
         embed_inflation=t.embed_inflation, adamw_lr=t.adamw_lr,
     )  # fmt: skip
     base_lrs = [g["lr"] for g in optimizer.param_groups]
+    final_scales = anneal.targets(model, t)
     start_step, history = 0, []
     # Locked only now: a run that fails on its data or configuration leaves no trace at --out.
     distributed.on_main(lambda: _lock(files, held), world)
     if resume:
-        start_step, history = restore(files, model, optimizer, preset, world)
+        start_step, history = restore(files, model, optimizer, preset, world, final_scales)
     elif files.log.exists() and world.is_main:
         files.log.unlink()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=t.dtype == "bf16")
@@ -214,6 +217,8 @@ def _train(
         while step < t.steps:
             for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = base * lr_factor(step, t)
+            if final_scales:
+                model.set_fixed_scales(anneal.scales_at(step, t, final_scales))
             x, y = task.batch(step, device)
             with autocast:
                 loss, _ = loss_and_correct(step_fn, x, y)

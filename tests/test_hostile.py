@@ -241,6 +241,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "group_size": [1, 0],
     "seed": [2**64, -(2**63) - 1],
     "activation": ["relu", ""],
+    "content_bias": ["rope", ""],
     "input_dim": [0],
     "hidden": [0],
     "num_classes": [0],

@@ -285,8 +285,9 @@ def test_mixed_heads_read_content_in_the_first_heads_and_position_in_the_rest(po
     x = torch.randn(2, 7, 12, generator=gen, dtype=torch.float64)
     q, k = attn.rotary(attn.q(x)), attn.rotary(attn.k(x))
     causal = torch.ones(7, 7, dtype=torch.bool).tril()
-    bias = attn.position_bias(7) if position_context else torch.zeros(3, 7, 7).masked_fill(~causal, -math.inf)
-    bias = bias.double()
+    offset = torch.arange(7)[:, None] - torch.arange(7)[None, :]
+    learned = attn.position_bias.weight.detach()[:, offset.clamp_min(0)] if position_context else torch.zeros(3, 7, 7)
+    bias = learned.double().masked_fill(~causal, -math.inf)
     content = (4.0 * q @ k.mT / 4 + bias[:1]).softmax(dim=-1)
     pattern = torch.cat((content, bias[1:].softmax(dim=-1).expand(2, 2, 7, 7)), dim=1)
     torch.testing.assert_close(attn.logits(x).softmax(dim=-1), pattern)
@@ -295,6 +296,35 @@ def test_mixed_heads_read_content_in_the_first_heads_and_position_in_the_rest(po
     other = x.clone()
     other[:, :-1] = torch.randn(2, 6, 12, generator=gen, dtype=torch.float64)
     torch.testing.assert_close(attn.logits(other)[:, 1:], attn.logits(x)[:, 1:])  # position heads ignore content
+
+
+@pytest.mark.parametrize("content_bias", ["alibi", "none"])
+def test_content_heads_take_a_fixed_position_bias_and_only_position_heads_learn_one(content_bias):
+    """alibi: content logits s q.k / d_h - slope_h (t - s), ALiBi's slopes; none: q.k alone. Same bound as learned."""
+    gen = torch.Generator().manual_seed(0)
+    attn = Attention(12, 3, 4.0, False, position_context=8, content_heads=1, content_bias=content_bias).double()
+    for module in (attn.q, attn.k, attn.v, attn.o, attn.position_bias):
+        module.reset_parameters(gen)
+    with torch.no_grad():
+        attn.position_bias.weight.copy_(torch.randn(2, 8, generator=gen, dtype=torch.float64) * 4)
+    assert attn.position_bias.weight.shape == (2, 8)  # the position heads' rows only
+    assert "content_slopes" not in attn.state_dict()  # fixed by the config, not stored
+    x = torch.randn(2, 7, 12, generator=gen, dtype=torch.float64)
+    q, k = attn.rotary(attn.q(x)), attn.rotary(attn.k(x))
+    offset = (torch.arange(7)[:, None] - torch.arange(7)[None, :]).double()
+    fixed = -(2.0 ** (-8.0 / 3)) * offset if content_bias == "alibi" else torch.zeros(7, 7, dtype=torch.float64)
+    learned = attn.position_bias.weight.detach()[:, offset.clamp_min(0).long()]
+    bias = torch.cat((fixed[None], learned)).masked_fill(offset < 0, -math.inf)
+    pattern = torch.cat(
+        ((4.0 * q @ k.mT / 4 + bias[:1]).softmax(dim=-1), bias[1:].softmax(dim=-1).expand(2, 2, 7, 7)), 1
+    )
+    torch.testing.assert_close(attn.logits(x).softmax(dim=-1), pattern)
+    y = (pattern @ attn.v(x)).transpose(1, 2).reshape(2, 7, 12)
+    torch.testing.assert_close(attn(x), attn.o(y * ATTENTION_OUT_FACTOR))
+    shared = Attention(12, 3, 4.0, False, position_context=8, content_heads=1).double()
+    shared.load_state_dict({**attn.state_dict(), "position_bias.weight": torch.zeros(3, 8)})
+    norm = lambda w: rms_norm_exact(w, dtype=torch.float64)  # noqa: E731
+    assert attn.bound(1.3, norm, tight=True) == shared.bound(1.3, norm, tight=True)  # biases are free in the bound
 
 
 def test_only_content_heads_pay_the_query_key_term():

@@ -108,6 +108,7 @@ def gpt_examples(draw: st.DrawFn) -> Example:
         "final_scale": draw(_scale(10.0)),
         "zero_init": draw(st.booleans()),
         "position_bias": draw(st.booleans()),
+        "content_bias": draw(st.sampled_from(["learned", "alibi", "none"])),
         "attn_out_scale": draw(_scale(3.0)),
         "mlp_gain": draw(_scale(5.0)),
         "bias": draw(st.booleans()),
