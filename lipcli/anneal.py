@@ -38,7 +38,8 @@ def check(model: nn.Module, t: TrainConfig, arch: str) -> None:
     if not t.anneal_start <= t.anneal_end < t.steps:
         raise PresetError(
             f"train.anneal_start ({t.anneal_start}) <= train.anneal_end ({t.anneal_end}) < train.steps ({t.steps}) "
-            "must hold: the last steps train at the model's own scales"
+            "must hold, so that the last steps train at the model's own scales: set --set train.anneal_start=... "
+            "--set train.anneal_end=... to fit the run"
         )
     if t.compile:
         raise PresetError("train.anneal_from changes the model's scales every step, which torch.compile recompiles: "

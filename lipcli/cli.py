@@ -125,7 +125,9 @@ def train(
             "model.activation (gelu or groupsort), model.group_size (free: they leave the Lipschitz constant "
             "unchanged); "
             "train.caps (per-group caps; a name the model does not declare is refused with the model's list), "
-            "train.lr_mult, train.blocks_mass, train.embed_inflation, train.warmup, train.schedule.",
+            "train.lr_mult, train.blocks_mass, train.embed_inflation, train.warmup, train.schedule; "
+            "train.anneal_from='{\"softmax_scale\": 8}' with train.anneal_start / train.anneal_end (steps): "
+            "train at those scales first, end at the model's own (what the checkpoint keeps and certify bounds).",
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,

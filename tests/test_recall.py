@@ -19,7 +19,8 @@ SPEC = RecallSpec(keys=10, values=12, pairs=5, queries=3)
 TINY_RECALL = {"model.d_model": 32, "model.n_layers": 1, "model.residual_scale": 1.0, "model.n_heads": 2,
                "model.context": 16, "train.recall_keys": 8, "train.recall_values": 8, "train.recall_pairs": 4,
                "train.recall_queries": 4, "train.batch_size": 4, "train.eval_batches": 2, "train.steps": 4,
-               "train.eval_every": 2, "train.device": "cpu"}  # fmt: skip
+               "train.eval_every": 2, "train.device": "cpu",
+               "train.anneal_start": 1, "train.anneal_end": 2}  # fmt: skip  # recall-cpu anneals until step 1000
 
 
 def test_sequences_list_pairs_then_ask_for_their_values():

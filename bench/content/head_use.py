@@ -31,7 +31,7 @@ def main(path: str) -> None:
                 logits = attn.logits(x)[:, :m]
                 tv = 0.5 * (logits.softmax(-1) - bias.softmax(-1)).abs().sum(-1).mean((0, 2))
                 content = (logits - bias).nan_to_num(0.0, 0.0, 0.0).abs().max()
-                first = attn.position_bias.weight[:m, :3].tolist() if attn.position_bias is not None else None
+                first = bias[:, -1, -3:].flip(-1).tolist()  # offsets 0, 1, 2 of the last query
                 tvs = [f"{float(v):.2e}" for v in tv]
                 print(f"block{i}: TV {tvs}, |content logit| <= {float(content):.2f}, bias {first}")
             x = block(x)

@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 from lipcli import checkpoint
+from lipcli.attack import robustness
 from lipcli.files import atomic_write, strict_json
 from lipcli.models import ARCHITECTURES
-from lipcli.presets import apply_overrides, load_preset
+from lipcli.presets import TrainConfig, apply_overrides, load_preset
 from lipcli.recall import RecallSpec
 from lipcli.sensitivity import checkpoint_sensitivity
 from lipcli.sweep import Point, run_point
@@ -37,17 +38,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from frontier_plot import frontier_plot  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-# Each point changes levers of recall-cpu (or of recall-baseline). The "bias-heads4" family is the first recipe
-# tried (all four heads reading content, biases on), with one lever moved from there.
-BIAS = {"model.bias": True, "train.lr_mult": {"mlp_bias": 0.05, "head_bias": 0.25}}
+# Each point changes levers of recall-cpu (or of recall-baseline). SESSION5 is the recipe before annealing
+# (softmax_scale 8 and final_scale 9 throughout); the "bias-heads4" family is the first recipe tried (all four
+# heads reading content, biases on), with one lever moved from there.
+SESSION5 = {"model.softmax_scale": 8.0, "model.final_scale": 9.0, "train.anneal_from": {}, "train.anneal_start": 0,
+            "train.anneal_end": 0}  # fmt: skip
+BIAS = {**SESSION5, "model.bias": True, "train.lr_mult": {"mlp_bias": 0.05, "head_bias": 0.25}}
 FIRST = {**BIAS, "model.content_heads": None}  # None: every head of a content layer
+
+
+def annealed(softmax_scale: float, final_scale: float, **more: object) -> dict:
+    """Train at softmax_scale 8 and final_scale 9 until step 500, end at these by step 1000 (lipcli/anneal.py)."""
+    start = {"softmax_scale": 8.0, "final_scale": 9.0}
+    return {"model.softmax_scale": softmax_scale, "model.final_scale": final_scale, "train.anneal_from": start,
+            "train.anneal_start": 500, "train.anneal_end": 1000, **more}  # fmt: skip
+
+
+# shakespeare-cpu's attention and scales (one alibi content head at softmax_scale 0.8, biases, attn_out_scale 1,
+# final_scale 9, lr 0.2): is the default's recipe a transformer that recalls?
+SHAKESPEARE = {**SESSION5, "model.content_heads": 1, "model.softmax_scale": 0.8, "model.content_bias": "alibi",
+               "model.attn_out_scale": 1.0, "model.bias": True, "train.lr": 0.2,
+               "train.lr_mult": {"mlp_bias": 0.05, "head_bias": 0.25, "attn_pos": 0.05}}  # fmt: skip
+
 POINTS: dict[str, tuple[str, dict]] = {
     "baseline": ("recall-baseline", {}),
     "baseline-adamw": ("recall-baseline", {"train.optimizer": "adamw", "train.lr": 3e-3}),
-    "content-free": ("recall-cpu", {"model.softmax_scale": 0.0}),  # shakespeare-cpu's attention: a mixer
+    "content-free": ("recall-cpu", {**SESSION5, "model.softmax_scale": 0.0}),  # shakespeare-cpu's attention: a mixer
     "recall-cpu": ("recall-cpu", {}),
-    "heads4-softmax4": ("recall-cpu", {"model.content_heads": None, "model.softmax_scale": 4.0}),
-    "softmax4": ("recall-cpu", {"model.softmax_scale": 4.0}),
+    "recall-cpu-seed1": ("recall-cpu", {"train.seed": 1}),
+    "session5": ("recall-cpu", SESSION5),
+    "heads4-softmax4": ("recall-cpu", {**SESSION5, "model.content_heads": None, "model.softmax_scale": 4.0}),
+    "softmax4": ("recall-cpu", {**SESSION5, "model.softmax_scale": 4.0}),
+    "final5": ("recall-cpu", {**SESSION5, "model.final_scale": 5.0}),
+    "heads8": ("recall-cpu", {**SESSION5, "model.n_heads": 8}),
     "bias": ("recall-cpu", BIAS),
     "bias-heads4": ("recall-cpu", FIRST),
     "bias-heads1": ("recall-cpu", {**BIAS, "model.content_heads": 1}),
@@ -56,7 +79,24 @@ POINTS: dict[str, tuple[str, dict]] = {
     "bias-heads4-every-layer": ("recall-cpu", {**FIRST, "model.content_layers": 2}),
     "bias-heads4-attn-out1": ("recall-cpu", {**FIRST, "model.attn_out_scale": 1.0}),
     "bias-heads4-final3": ("recall-cpu", {**FIRST, "model.final_scale": 3.0}),
+    "anneal-s4-f4": ("recall-cpu", annealed(4.0, 4.0)),
+    "anneal-s4-f2": ("recall-cpu", annealed(4.0, 2.0)),
+    "anneal-s3-f2": ("recall-cpu", annealed(3.0, 2.0)),
+    "anneal-s2-f9": ("recall-cpu", annealed(2.0, 9.0)),
+    "anneal-s2-f3": ("recall-cpu", annealed(2.0, 3.0)),
+    "anneal-s2-f2": ("recall-cpu", annealed(2.0, 2.0)),
+    "anneal-s2-f1.5": ("recall-cpu", annealed(2.0, 1.5)),
+    "anneal-s1.5-f2": ("recall-cpu", annealed(1.5, 2.0)),
+    "anneal-s1-f3": ("recall-cpu", annealed(1.0, 3.0)),
+    "anneal-s1-f2": ("recall-cpu", annealed(1.0, 2.0)),
+    "shakespeare-recipe": ("recall-cpu", SHAKESPEARE),
+    "shakespeare-recipe-annealed": ("recall-cpu", {**SHAKESPEARE, **annealed(0.8, 9.0)}),
+    "anneal-s2-f2-alibi": ("recall-cpu", annealed(2.0, 2.0, **{"model.content_bias": "alibi"})),
+    "anneal-s2-f2-none": ("recall-cpu", annealed(2.0, 2.0, **{"model.content_bias": "none"})),
 }
+# Certified accuracy (lipcli attack: a prediction whose margin exceeds what the bound lets a perturbation of this
+# size move) at these eps, on 64 validation sequences: unlike the bound, it does not move when final_scale does.
+CERTIFIED_EPS = (0.002, 0.004, 0.008)
 
 
 def point(name: str) -> Point:
@@ -70,11 +110,12 @@ def run(p: Point, out: Path) -> dict:
     row = json.loads(saved.read_text()) if saved.exists() else None
     if row is not None:
         check_current(p, row["checkpoint"])
+        row["overrides"] = POINTS[p.name][1]  # the same configuration, perhaps named from a changed preset
     if row is None:
         conditions = {"threads": torch.get_num_threads(), "load_at_start": os.getloadavg()[0]}
         row = {**asdict(run_point(p, out, lambda event: None)), **conditions}
     if "measured" in row:
-        return row
+        return with_certified(row, saved)
     bound = row["log10_tight"]
     row["measured"] = checkpoint_sensitivity(row["checkpoint"]) if math.isfinite(bound) else None
     if row["measured"] is not None and math.log10(row["measured"]) > bound:
@@ -85,6 +126,15 @@ def run(p: Point, out: Path) -> dict:
     row["chance"] = RecallSpec.from_config(t, int(p.preset.model["context"])).chance
     atomic_write(saved, lambda tmp: tmp.write_text(strict_json(row)))
     print(json.dumps({k: row[k] for k in ("name", "val_acc", "chance", "log10_tight", "measured", "train_s")}))
+    return with_certified(row, saved)
+
+
+def with_certified(row: dict, saved: Path) -> dict:
+    """The row, saved, with its certified accuracy at CERTIFIED_EPS (added to points saved before that column)."""
+    if "certified" not in row and row["log10_tight"] is not None:
+        report = robustness(row["checkpoint"], CERTIFIED_EPS, n=64, device="cpu")
+        row["certified"] = {f"{r.eps:g}": r.certified_acc for r in report.rows}
+    atomic_write(saved, lambda tmp: tmp.write_text(strict_json(row)))
     return row
 
 
@@ -95,7 +145,9 @@ def check_current(p: Point, path: str) -> None:
     defaults = {f.name: f.default for f in fields(config_cls) if f.name not in ("vocab_size", "seed")}  # set by data
     wanted = {**{f"model.{k}": v for k, v in {**defaults, **p.preset.model}.items()},
               **{f"train.{k}": v for k, v in asdict(p.preset.train).items() if k != "device"}}  # fmt: skip
-    trained = {**{f"model.{k}": v for k, v in ckpt.model_config.items()},
+    # A field added after a point was trained is absent from its checkpoint; new fields default to the old behaviour.
+    added = {f"train.{k}": v for k, v in asdict(TrainConfig()).items()} | {f"model.{k}": v for k, v in defaults.items()}
+    trained = {**added, **{f"model.{k}": v for k, v in ckpt.model_config.items()},
                **{f"train.{k}": v for k, v in ckpt.train_config.items()}}  # fmt: skip
     stale = sorted(k for k, v in wanted.items() if json.dumps(trained.get(k)) != json.dumps(v))
     if stale:
@@ -113,8 +165,10 @@ def report(rows: list[dict], out: Path) -> None:
         "Session-4 points (AdamW baseline 4000 steps: 33.9%, content-free: 12.4%) are kept in history/.",
         "",
         "| point | preset | overrides | val acc | val loss | steps | train s | threads | load | certified bound "
-        "(tight) | measured sensitivity | bound / measured |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(tight) | measured sensitivity | bound / measured | certified acc at eps "
+        + " / ".join(f"{e:g}" for e in CERTIFIED_EPS)
+        + " |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (r["log10_tight"] is None, r["log10_tight"] or 0.0)):
         bound = r["log10_tight"]
@@ -122,9 +176,11 @@ def report(rows: list[dict], out: Path) -> None:
         measured = "-" if r["measured"] is None else f"{r['measured']:.4g}"
         ratio = "-" if r["measured"] is None else f"{10**bound / r['measured']:.3g}"
         overrides = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-"
+        certified = " / ".join(f"{v:.1%}" for v in r["certified"].values()) if "certified" in r else "-"
         lines.append(
             f"| {r['name']} | {r['preset']} | {overrides} | {r['val_acc']:.1%} | {r['val_loss']:.3g} | {r['steps']} "
-            f"| {r['train_s']:.0f} | {r['threads']} | {r['load_at_start']:.1f} | {shown} | {measured} | {ratio} |"
+            f"| {r['train_s']:.0f} | {r['threads']} | {r['load_at_start']:.1f} | {shown} | {measured} | {ratio} "
+            f"| {certified} |"
         )
     atomic_write(out / "results.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     print("\n".join(lines))
