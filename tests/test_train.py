@@ -41,8 +41,8 @@ def test_softcap_run_keeps_every_matrix_capped_at_every_eval(tmp_path):
     ckpt = checkpoint.load(result.checkpoint)
     assert float(ckpt.model.embed.weight.detach().pow(2).mean(dim=-1).sqrt().max()) <= 1 + 1e-5
     matrices = weight_matrices(ckpt.model)
-    # head; v, o, fc_in, fc_out per block: the default's heads attend by position only, so they have no q or k
-    assert len(matrices) == 1 + 4 * ckpt.model.config.n_layers
+    # head; v, o, fc_in, fc_out per block; q and k where heads read content (the default: the last block only)
+    assert len(matrices) == 1 + 4 * ckpt.model.config.n_layers + 2 * ckpt.model.config.content_layers
     for w in matrices:
         assert float(rms_norm_exact(w).max()) <= 1.0 * (1 + 1e-3)
     assert ckpt.step == 6 and ckpt.train_config["method"] == "softcap"

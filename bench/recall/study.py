@@ -87,6 +87,7 @@ POINTS: dict[str, tuple[str, dict]] = {
     "anneal-s2-f2": ("recall-cpu", annealed(2.0, 2.0)),
     "anneal-s2-f1.5": ("recall-cpu", annealed(2.0, 1.5)),
     "anneal-s1.5-f2": ("recall-cpu", annealed(1.5, 2.0)),
+    "anneal-s2-f0.3": ("recall-cpu", annealed(2.0, 0.3)),  # a bound <= 10 bought with the loss alone
     "anneal-s1-f3": ("recall-cpu", annealed(1.0, 3.0)),
     "anneal-s1-f2": ("recall-cpu", annealed(1.0, 2.0)),
     "shakespeare-recipe": ("recall-cpu", SHAKESPEARE),
