@@ -71,9 +71,9 @@ def test_an_interrupted_anneal_resumes_like_an_uninterrupted_one(tmp_path):
     ("overrides", "words"),
     [
         (
-            {"train.anneal_from": {"softmax_scale": 8.0}},
+            {"model.softmax_scale": 0.0, "train.anneal_from": {"softmax_scale": 8.0}},
             "names softmax_scale; this model's annealable scales: attn_out_scale, final_scale",
-        ),  # content-free default
+        ),  # content-free: no q or k
         ({**CONTENT, "train.anneal_from": {"mlp_gain": 2.0}, "train.anneal_end": 2}, "names mlp_gain"),
         ({**CONTENT, **ANNEAL, "train.anneal_end": 6}, "< train.steps (6) must hold"),
         ({**CONTENT, **ANNEAL, "train.anneal_start": 4}, "train.anneal_start (4) <= train.anneal_end (3)"),

@@ -13,8 +13,8 @@ LAYERS = {
     2: ("models", "presets"),
     3: ("checkpoint", "runfiles", "weightfiles", "reference"),
     4: ("tasks", "validation", "data", "images", "recall"),
-    5: ("training", "resume", "anneal", "certification", "sensitivity", "attack", "activations", "convert", "projection",
-        "sweep", "sweep_records"),
+    5: ("training", "resume", "anneal", "certification", "sensitivity", "attack", "activations", "convert",
+        "projection", "sweep", "sweep_records"),
     6: ("cli", "cli_parsing", "render"),
 }  # fmt: skip
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}

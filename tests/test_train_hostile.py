@@ -167,7 +167,7 @@ BAD_RESUMES = [
     ("changed d_model", None, ["--set", "model.d_model=64"], "other model settings (d_model 32 -> 64)"),
     ("muon -> adamw", None, ["--optimizer", "adamw", "--method", "hardcap", "--lr", "0.003"],
      "trained with --optimizer muon, this run asks adamw"),
-    ("changed cap", None, ["--sigma-max", "2"], "trained with sigma_max 1.0 for group attn_v, this run asks 2.0"),
+    ("changed cap", None, ["--sigma-max", "2"], "trained with sigma_max 1.0 for group attn_qk, this run asks 2.0"),
     ("changed seed", None, ["--seed", "1"], "other model settings (seed 0 -> 1)"),
     ("NaN checkpoint", _legacy_nan_run, [], "tensor \"head.weight\" holds NaN or infinite values"),
     ("replaced OUT", _replace_with_nan_weights, [], "was changed after training"),
