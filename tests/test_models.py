@@ -17,6 +17,7 @@ from lipcli.models import (
 )
 from lipcli.nn import GELU_MAX_SLOPE, Residual
 from lipcli.optim import optimizer_groups
+from lipcli.presets import load_preset
 from lipcli.spectral import rms_norm_exact
 
 CFG = GPTConfig(vocab_size=11, d_model=24, n_layers=2, n_heads=3, context=12)
@@ -378,3 +379,16 @@ def test_baseline_init_is_gpt2s_and_its_groups_cover_every_parameter_once():
     assert {g.name: g.kind for g in groups} == {"hidden": "matrix", "embed": "edge", "head": "edge", "norm": "gain"}
     assert sorted(id(p) for g in groups for p in g.params) == sorted(id(p) for p in model.parameters())
     assert next(g for g in groups if g.name == "head").lr_mult == 0.5
+
+
+def test_the_default_presets_last_attention_reads_content_and_the_others_position():
+    """Issue 17: the default is a transformer. Its attention pattern depends on the input in the last layer only."""
+    preset = load_preset("shakespeare-cpu")
+    small = {"vocab_size": 11, "d_model": 32, "context": 8, "zero_init": False}
+    model = build_model(preset.arch, {**preset.model, **small})
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1, 8, 32, generator=gen) for _ in range(2))
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            moved = not torch.allclose(block.attn.inner.logits(a), block.attn.inner.logits(b))
+            assert moved == (i == len(model.blocks) - 1), f"block {i}"
