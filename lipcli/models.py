@@ -53,9 +53,7 @@ class GPTConfig:
     final_scale: float = 1.0  # fixed logit multiplier: counted in the certificate
     zero_init: bool = True  # zero-init attention/MLP output projections and the head (the reference's)
     position_bias: bool = False  # learned per-head logit bias by relative offset: free in the bound
-    content_bias: str = (
-        "learned"  # content heads' position bias: "learned" (as position heads'), "alibi" (fixed), "none"
-    )
+    content_bias: str = "learned"  # the content heads' position bias: "learned", "alibi" (fixed slopes) or "none"
     attn_out_scale: float = ATTENTION_OUT_FACTOR  # fixed factor on the attention output: counted in the bound
     mlp_gain: float = 1.0  # GeLU operating point: W_out GeLU(g W_in x) / g; cancels in the bound
     bias: bool = False  # learned biases in the MLPs and on the logits: input-independent, free in the bound
