@@ -30,8 +30,10 @@ def test_each_checkpoint_records_the_scales_in_use_and_the_last_one_the_models(t
     real = train_module.loss_and_correct
 
     def spy(model, x, y):
-        if model.training:
-            used.append((model.config.softmax_scale, model.config.final_scale))
+        if model.training:  # the scale the attention computes with, and the one the checkpoint would record
+            attention = model.blocks[-1].attn.inner
+            assert attention.softmax_scale == model.config.softmax_scale
+            used.append((attention.softmax_scale, model.config.final_scale))
         return real(model, x, y)
 
     monkeypatch.setattr(train_module, "loss_and_correct", spy)
@@ -42,8 +44,8 @@ def test_each_checkpoint_records_the_scales_in_use_and_the_last_one_the_models(t
     assert used == [(8.0, 9.0), (8.0, 9.0), (5.0, 6.0), (2.0, 3.0), (2.0, 3.0), (2.0, 3.0)]
     assert [(c["softmax_scale"], c["final_scale"]) for c in saved] == [(8.0, 9.0), (2.0, 3.0), (2.0, 3.0)]
     final = checkpoint.load(tmp_path / "m.safetensors")
-    fresh = build_model(preset.arch, {**final.model_config})
-    assert final.model_config == {**final.model_config, **{k.split(".")[1]: v for k, v in CONTENT.items()}}
+    assert {k: final.model_config[k.removeprefix("model.")] for k in CONTENT} == CONTENT
+    fresh = build_model(preset.arch, final.model_config)
     fresh.load_state_dict(final.model.state_dict())
     x = torch.randint(0, final.model.config.vocab_size, (2, 8))
     torch.testing.assert_close(final.model(x), fresh(x))
