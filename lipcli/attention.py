@@ -56,10 +56,13 @@ class PositionBias(nn.Module):
     constraint_kind = "free"
     mass = None
 
-    def __init__(self, n_heads: int, context: int, first_head: int = 0) -> None:
+    def __init__(
+        self, n_heads: int, context: int, first_head: int = 0, limit: float | None = None, limited_heads: int = 0
+    ) -> None:
         super().__init__()
         self.group = "attn_pos"
         self.n_heads, self.first_head = n_heads, first_head
+        self.limit, self.limited_heads = limit, limited_heads if limit is not None else 0
         self.weight = nn.Parameter(torch.empty(n_heads - first_head, context))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -74,18 +77,27 @@ class PositionBias(nn.Module):
             raise UserError(
                 f"sequence of {offset.shape[-1]} tokens is longer than the position bias's {self.weight.shape[1]}"
             )
-        return self.weight[:, offset]
+        return self.values()[:, offset]
+
+    def values(self) -> Tensor:
+        """The bias per head and offset, [heads, context]: the first ``limited_heads`` rows as
+        ``limit tanh(w / limit)``, within [-limit, limit] whatever training does; the rest as stored."""
+        k = self.limited_heads
+        if not k:
+            return self.weight
+        assert self.limit is not None
+        return torch.cat((self.limit * torch.tanh(self.weight[:k] / self.limit), self.weight[k:]))
 
 
 class Attention(nn.Module):
     """Causal multi-head attention with a fixed output factor: content heads beside position heads.
 
     The first ``content_heads`` heads read content: logits ``softmax_scale q.k / d_head`` with RoPE on q and
-    k, plus their position bias (``content_bias``: the learned one the position heads have, ALiBi's fixed
-    slopes, or none). The other heads attend by position only: their pattern is the softmax of their learned
-    position bias (uniform over the causal prefix without one), the same for every input, so they cost nothing
-    in the query/key term of the bound. ``softmax_scale = 0`` makes every head a position head. Only content
-    heads have q and k weights.
+    k, plus their position bias (``content_bias``: the learned one the position heads have, within
+    ``+-content_bias_limit`` when that is set, ALiBi's fixed slopes, or none). The other heads attend by
+    position only: their pattern is the softmax of their learned position bias (uniform over the causal prefix
+    without one), the same for every input, so they cost nothing in the query/key term of the bound.
+    ``softmax_scale = 0`` makes every head a position head. Only content heads have q and k weights.
     """
 
     def __init__(
@@ -98,6 +110,7 @@ class Attention(nn.Module):
         out_scale: float = ATTENTION_OUT_FACTOR,
         content_heads: int | None = None,
         content_bias: str = "learned",
+        content_bias_limit: float | None = None,
     ) -> None:
         super().__init__()
         if d_model % n_heads:
@@ -118,7 +131,10 @@ class Attention(nn.Module):
         # A learned bias can outgrow any content logit the bound affords (bench/content): content heads may opt out.
         learned_from = 0 if content_bias == "learned" else m
         learns = position_context and learned_from < n_heads
-        self.position_bias = PositionBias(n_heads, position_context, learned_from) if learns else None
+        limited = m if learned_from == 0 else 0
+        self.position_bias = (
+            PositionBias(n_heads, position_context, learned_from, content_bias_limit, limited) if learns else None
+        )
         self.content_bias = content_bias if m else "none"
         self.register_buffer("content_slopes", alibi_slopes(n_heads)[:m], persistent=False)
 

@@ -54,6 +54,7 @@ class GPTConfig:
     zero_init: bool = True  # zero-init attention/MLP output projections and the head (the reference's)
     position_bias: bool = False  # learned per-head logit bias by relative offset: free in the bound
     content_bias: str = "learned"  # the content heads' position bias: "learned", "alibi" (fixed slopes) or "none"
+    content_bias_limit: float | None = None  # a learned content bias stays within +-this (None: unbounded)
     attn_out_scale: float = ATTENTION_OUT_FACTOR  # fixed factor on the attention output: counted in the bound
     mlp_gain: float = 1.0  # GeLU operating point: W_out GeLU(g W_in x) / g; cancels in the bound
     bias: bool = False  # learned biases in the MLPs and on the logits: input-independent, free in the bound
@@ -141,6 +142,15 @@ def _check_lipschitz_gpt(config: GPTConfig) -> None:
         raise UserError(f"model.activation must be one of {', '.join(ACTIVATIONS)} (got {config.activation!r})")
     if config.content_bias not in CONTENT_BIASES:
         raise UserError(f"model.content_bias must be one of {', '.join(CONTENT_BIASES)} (got {config.content_bias!r})")
+    limit = config.content_bias_limit
+    if limit is not None:
+        if not (config.position_bias and config.content_bias == "learned"):
+            raise UserError(
+                "model.content_bias_limit bounds a learned content bias: it needs model.position_bias = true and "
+                f'model.content_bias = "learned" (got {str(config.position_bias).lower()} and {config.content_bias!r})'
+            )
+        if not 0 < limit <= MAX_SCALE:
+            raise UserError(f"model.content_bias_limit must lie in (0, {MAX_SCALE:g}] (got {limit:g})")
     hidden = config.mlp_ratio * config.d_model
     if config.activation == "groupsort" and hidden % config.group_size:
         raise UserError(f"model.group_size ({config.group_size}) must divide the MLP width {hidden}")
@@ -197,6 +207,7 @@ class Block(Chain):
         attention = Attention(
             config.d_model, config.n_heads, config.softmax_scale, config.zero_init, position_context,
             config.attn_out_scale, config.content_heads if reads_content else 0, config.content_bias,
+            config.content_bias_limit,
         )  # fmt: skip
         self.attn = Residual(attention, a)
         mlp = MLP(

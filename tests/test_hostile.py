@@ -242,6 +242,7 @@ OUT_OF_RANGE: dict[str, list[Any]] = {
     "seed": [2**64, -(2**63) - 1],
     "activation": ["relu", ""],
     "content_bias": ["rope", ""],
+    "content_bias_limit": [0.0, -1.0, 1e7],
     "input_dim": [0],
     "hidden": [0],
     "num_classes": [0],
@@ -332,7 +333,7 @@ def test_rejected_scales_really_give_a_non_finite_forward(changes: dict[str, flo
      {"softmax_scale": 1e-6}, {"softmax_scale": 1e6}, {"softmax_scale": 0.0, "position_bias": True},
      {"softmax_scale": -1.0, "position_bias": True}, {"mlp_gain": 1e-6}, {"mlp_gain": -1e6}, {"final_scale": 0.0},
      {"final_scale": -1e6}, {"attn_out_scale": 0.0}, {"attn_out_scale": -1e6}, {"residual_scale": 1e-300},
-     {"activation": "groupsort", "mlp_gain": 0.0}],
+     {"activation": "groupsort", "mlp_gain": 0.0}, {"position_bias": True, "content_bias_limit": 1e-6}],
 )  # fmt: skip
 def test_accepted_edge_values_give_a_finite_forward(changes: dict[str, Any]) -> None:
     build_model("lipschitz-gpt", {**GPT, **changes})

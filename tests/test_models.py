@@ -1,10 +1,12 @@
 import math
+import re
 from dataclasses import replace
 
 import pytest
 import torch
 
 from lipcli.attention import ATTENTION_OUT_FACTOR, Attention
+from lipcli.errors import UserError
 from lipcli.models import (
     BaselineGPT,
     GPTConfig,
@@ -326,6 +328,44 @@ def test_content_heads_take_a_fixed_position_bias_and_only_position_heads_learn_
     shared.load_state_dict({**attn.state_dict(), "position_bias.weight": torch.zeros(3, 8)})
     norm = lambda w: rms_norm_exact(w, dtype=torch.float64)  # noqa: E731
     assert attn.bound(1.3, norm, tight=True) == shared.bound(1.3, norm, tight=True)  # biases are free in the bound
+
+
+def test_a_limited_content_bias_stays_within_its_limit_and_leaves_position_heads_alone():
+    """content_bias_limit L: the content heads' learned bias is L tanh(w / L); the position heads' is w itself."""
+    gen = torch.Generator().manual_seed(0)
+    attn = Attention(12, 3, 4.0, False, position_context=8, content_heads=2, content_bias_limit=2.0).double()
+    for module in (attn.q, attn.k, attn.v, attn.o, attn.position_bias):
+        module.reset_parameters(gen)
+    with torch.no_grad():
+        attn.position_bias.weight.copy_(torch.randn(3, 8, generator=gen, dtype=torch.float64) * 8)
+    x = torch.randn(2, 7, 12, generator=gen, dtype=torch.float64)
+    q, k = attn.rotary(attn.q(x)), attn.rotary(attn.k(x))
+    offset = torch.arange(7)[:, None] - torch.arange(7)[None, :]
+    w = attn.position_bias.weight.detach()[:, offset.clamp_min(0)]
+    bias = torch.cat((2.0 * torch.tanh(w[:2] / 2.0), w[2:])).masked_fill(offset < 0, -math.inf)
+    assert bias[:2][offset.expand(2, 7, 7) >= 0].abs().max() <= 2.0 < bias[2][offset >= 0].abs().max()
+    content = (4.0 * q @ k.mT / 4 + bias[:2]).softmax(dim=-1)
+    pattern = torch.cat((content, bias[2:].softmax(dim=-1).expand(2, 1, 7, 7)), dim=1)
+    torch.testing.assert_close(attn.logits(x).softmax(dim=-1), pattern)
+    y = (pattern @ attn.v(x)).transpose(1, 2).reshape(2, 7, 12)
+    torch.testing.assert_close(attn(x), attn.o(y * ATTENTION_OUT_FACTOR))
+    unlimited = Attention(12, 3, 4.0, False, position_context=8, content_heads=2).double()
+    unlimited.load_state_dict(attn.state_dict())
+    assert not torch.allclose(unlimited.logits(x), attn.logits(x))
+    norm = lambda w: rms_norm_exact(w, dtype=torch.float64)  # noqa: E731
+    assert attn.bound(1.3, norm, tight=True) == unlimited.bound(1.3, norm, tight=True)  # free in the bound
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [({"content_bias_limit": 2.0}, "needs model.position_bias = true"),
+     ({"content_bias_limit": 2.0, "position_bias": True, "content_bias": "alibi"}, "needs model.position_bias"),
+     ({"content_bias_limit": 0.0, "position_bias": True}, "must lie in (0, 1e+06]"),
+     ({"content_bias_limit": -3.0, "position_bias": True}, "must lie in (0, 1e+06]")],
+)  # fmt: skip
+def test_content_bias_limit_is_refused_where_it_means_nothing_or_is_out_of_range(changes, words):
+    with pytest.raises(UserError, match=re.escape(words)):
+        build_model("lipschitz-gpt", {**CFG.__dict__, **changes})
 
 
 def test_only_content_heads_pay_the_query_key_term():

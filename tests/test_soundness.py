@@ -109,6 +109,7 @@ def gpt_examples(draw: st.DrawFn) -> Example:
         "zero_init": draw(st.booleans()),
         "position_bias": draw(st.booleans()),
         "content_bias": draw(st.sampled_from(["learned", "alibi", "none"])),
+        "content_bias_limit": draw(st.one_of(st.none(), st.floats(0.1, 8.0))),
         "attn_out_scale": draw(_scale(3.0)),
         "mlp_gain": draw(_scale(5.0)),
         "bias": draw(st.booleans()),
@@ -116,6 +117,8 @@ def gpt_examples(draw: st.DrawFn) -> Example:
         "group_size": 2,
         "seed": draw(st.integers(0, 2**16)),
     }
+    if not (config["position_bias"] and config["content_bias"] == "learned"):
+        config["content_bias_limit"] = None  # it bounds a learned content bias only
     where = ["final_scale", "softmax_scale", "weight"]
     poison = draw(st.sampled_from([None] * 14 + [(w, v) for w in where for v in POISONS[:1]] + [("weight", "inf")]))
     return _finish(draw, "lipschitz-gpt", config, poison)
