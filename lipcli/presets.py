@@ -221,7 +221,7 @@ def _coerce(value: Any, current: Any, key: str, rule: Rule | None = None) -> Any
         return value if current is None and rule is None else _fail(key, value)
     if isinstance(current, bool) and not isinstance(parsed, bool):
         _fail(key, value)
-    if isinstance(current, float) and isinstance(parsed, int):
+    if isinstance(current, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
         return float(parsed)
     return parsed
 
