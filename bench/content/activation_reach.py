@@ -1,0 +1,49 @@
+"""How large does the activation at the last block's input get, against the bound the certificate composes?
+
+Usage: python bench/content/activation_reach.py CKPT [CKPT ...]. Projected gradient ascent over the certified
+domain (token embeddings of RMS <= 1 at every position; 4 restarts x 150 Adam steps) maximises the largest token RMS
+after every block but the last. What it finds is a lower bound on the true largest value; the certificate's ``r``
+there (the previous stage's output bound in `lipcli certify`) is an upper bound. The query/key term pays ``r^2``.
+"""
+
+import sys
+
+import torch
+
+from lipcli import checkpoint
+from lipcli.certification import certify
+from lipcli.compose import run
+
+RESTARTS, STEPS, BATCH = 4, 150, 4
+
+
+def largest_rms_found(path: str) -> float:
+    model = checkpoint.load(path).model.eval().requires_grad_(False)
+    stages = model.stages()[:-2]  # every block but the last: the head and the last block are left out
+    d, t = model.config.d_model, model.config.context
+    gen, best = torch.Generator().manual_seed(0), 0.0
+    for _ in range(RESTARTS):
+        x = torch.randn(BATCH, t, d, generator=gen)
+        x = (x / x.pow(2).mean(-1, keepdim=True).sqrt()).requires_grad_(True)
+        opt = torch.optim.Adam([x], lr=0.05)
+        for _ in range(STEPS):
+            loss = -run(stages, x).pow(2).mean(-1).sqrt().max()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x /= x.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1.0)  # back onto the domain
+        with torch.no_grad():
+            best = max(best, float(run(stages, x).pow(2).mean(-1).sqrt().max()))
+    return best
+
+
+def main(paths: list[str]) -> None:
+    for path in paths:
+        modules = certify(path).to_dict()["modules"]
+        before_last = [m for m in modules if m["name"].startswith("block")][-3]  # the stage feeding the last block
+        print(f"{path}: found {largest_rms_found(path):.3f}, certified r {before_last['out_norm_tight']:.3f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
