@@ -62,7 +62,7 @@ class PositionBias(nn.Module):
         super().__init__()
         self.group = "attn_pos"
         self.n_heads, self.first_head = n_heads, first_head
-        self.limit, self.limited_heads = limit, limited_heads if limit is not None else 0
+        self.limit, self.limited_heads = limit, limited_heads
         self.weight = nn.Parameter(torch.empty(n_heads - first_head, context))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
@@ -82,11 +82,10 @@ class PositionBias(nn.Module):
     def values(self) -> Tensor:
         """The bias per head and offset, [heads, context]: the first ``limited_heads`` rows as
         ``limit tanh(w / limit)``, within [-limit, limit] whatever training does; the rest as stored."""
-        k = self.limited_heads
-        if not k:
+        k, limit = self.limited_heads, self.limit
+        if limit is None or not k:
             return self.weight
-        assert self.limit is not None
-        return torch.cat((self.limit * torch.tanh(self.weight[:k] / self.limit), self.weight[k:]))
+        return torch.cat((limit * torch.tanh(self.weight[:k] / limit), self.weight[k:]))
 
 
 class Attention(nn.Module):
