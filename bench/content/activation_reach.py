@@ -17,8 +17,7 @@ from lipcli.compose import run
 RESTARTS, STEPS, BATCH = 4, 150, 4
 
 
-def largest_rms_found(path: str) -> float:
-    model = checkpoint.load(path).model.eval().requires_grad_(False)
+def largest_rms_found(model: torch.nn.Module) -> float:
     stages = model.stages()[:-2]  # every block but the last: the head and the last block are left out
     d, t = model.config.d_model, model.config.context
     gen, best = torch.Generator().manual_seed(0), 0.0
@@ -40,9 +39,10 @@ def largest_rms_found(path: str) -> float:
 
 def main(paths: list[str]) -> None:
     for path in paths:
-        modules = certify(path).to_dict()["modules"]
-        before_last = [m for m in modules if m["name"].startswith("block")][-3]  # the stage feeding the last block
-        print(f"{path}: found {largest_rms_found(path):.3f}, certified r {before_last['out_norm_tight']:.3f}")
+        model = checkpoint.load(path).model.eval().requires_grad_(False)
+        feeding = f"block{len(model.blocks) - 2}."  # the block before the last: its last stage's output bound is r
+        r = [m for m in certify(path).to_dict()["modules"] if m["name"].startswith(feeding)][-1]["out_norm_tight"]
+        print(f"{path}: found {largest_rms_found(model):.3f}, certified r {r:.3f}")
 
 
 if __name__ == "__main__":
