@@ -116,6 +116,19 @@ POINTS: dict[str, tuple[str, dict]] = {
     # Moving the budget from attn_out_scale to final_scale, as shakespeare-cpu's bound <= 10 needs: recall collapses.
     "limit2-anneal-attn-out1-f4.5": ("recall-cpu", annealed(2.0, 4.5, 1.0)),
     "limit2-anneal-attn-out2-f1.5": ("recall-cpu", annealed(2.0, 1.5, 2.0)),
+    # At attn_out_scale 1 throughout, neither a content logit three times larger nor a wider model leaves the plateau.
+    "attn-out1-s24to12": (
+        "recall-cpu",
+        {
+            **annealed(12.0, 1.5),
+            "model.attn_out_scale": 1.0,
+            "train.anneal_from": {"softmax_scale": 24.0, "final_scale": 9.0},
+        },
+    ),
+    "attn-out1-d128": ("recall-cpu", {"model.attn_out_scale": 1.0, "model.d_model": 128}),
+    # ... nor a larger attention share of the residual (a = 3/4, 9/10), which gives it weight without growing norms.
+    "attn-out1-residual3": ("recall-cpu", {"model.attn_out_scale": 1.0, "model.residual_scale": 3.0}),
+    "attn-out1-residual3.6": ("recall-cpu", {"model.attn_out_scale": 1.0, "model.residual_scale": 3.6}),
 }
 # Certified accuracy (lipcli attack: a prediction whose margin exceeds what the bound lets a perturbation of this
 # size move) at these eps, on 64 validation sequences: unlike the bound, it does not move when final_scale does.
