@@ -3,7 +3,7 @@
 The model config has one attn_out_scale for every layer, so this probe sets each block's scale on the built
 model (in this process only: a checkpoint written here records the config's scale, not the per-layer ones, and
 is certified here under the same override, then deleted). Prints accuracy, certified bound and measured
-sensitivity per layout; the figures are in bench/RESULTS.md ("Why the budget is not shared").
+sensitivity per layout; the figures are in bench/RESULTS.md ("Can one set of scales serve both presets?").
 
     .venv/bin/python bench/recall/layer_scales.py                 # layouts 3,1  1,3  3,3
     .venv/bin/python bench/recall/layer_scales.py --layouts 2,3
@@ -56,13 +56,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for layout in args.layouts:
-        scales = [float(v) for v in layout.split(",")]
+    preset = load_preset("recall-cpu")
+    layouts = [[float(v) for v in layout.split(",")] for layout in args.layouts]
+    if any(len(scales) != preset.model["n_layers"] for scales in layouts):
+        parser.error(f"each layout needs one scale per layer: recall-cpu has {preset.model['n_layers']}")
+    for scales in layouts:
         restore = per_layer(scales)
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp) / "recall.safetensors"
-                result = train(load_preset("recall-cpu"), out)
+                result = train(preset, out)
                 bound = 10 ** certify(str(out)).to_dict()["log10_tight"]
                 measured = checkpoint_sensitivity(str(out))
         finally:
