@@ -13,7 +13,7 @@ import sys
 import torch
 
 from lipcli import checkpoint
-from lipcli.certification import certify, exact_norm
+from lipcli.certification import certify_loaded, exact_norm
 from lipcli.compose import compose, run, stage_rows
 
 RESTARTS, STEPS, BATCH = 4, 150, 4
@@ -50,11 +50,13 @@ def bound_with_last_r(model: torch.nn.Module, r: float) -> float:
 
 def main(paths: list[str]) -> None:
     for path in paths:
-        model = checkpoint.load(path).model.eval().requires_grad_(False)
+        ckpt = checkpoint.load(path)
+        model = ckpt.model.eval().requires_grad_(False)
+        found = largest_rms_found(model)  # in the stored precision: certify_loaded converts the model to float64
+        report = certify_loaded(ckpt).to_dict()
         feeding = f"block{len(model.blocks) - 2}."  # the block before the last: its last stage's output bound is r
-        report = certify(path).to_dict()
         r = [m for m in report["modules"] if m["name"].startswith(feeding)][-1]["out_norm_tight"]
-        found, bound = largest_rms_found(model), 10 ** report["log10_tight"]
+        bound = 10 ** report["log10_tight"]
         print(f"{path}: found {found:.3f}, certified r {r:.3f}; bound {bound:.2f}, "
               f"{bound_with_last_r(model, found):.2f} at r = {found:.3f}")  # fmt: skip
 
