@@ -43,8 +43,8 @@ HERE = Path(__file__).resolve().parent
 # (softmax_scale 8 and final_scale 9 throughout); the "bias-heads4" family is the first recipe tried (all four
 # heads reading content, biases on), with one lever moved from there.
 SESSION6 = {"model.content_bias_limit": None}
-SESSION5 = {**SESSION6, "model.softmax_scale": 8.0, "model.final_scale": 9.0, "train.anneal_from": {},
-            "train.anneal_start": 0, "train.anneal_end": 0}  # fmt: skip
+NO_ANNEAL = {"train.anneal_from": {}, "train.anneal_start": 0, "train.anneal_end": 0}
+SESSION5 = {**SESSION6, "model.softmax_scale": 8.0, "model.final_scale": 9.0, **NO_ANNEAL}
 BIAS = {**SESSION5, "model.bias": True, "train.lr_mult": {"mlp_bias": 0.05, "head_bias": 0.25}}
 FIRST = {**BIAS, "model.content_heads": None}  # None: every head of a content layer
 
@@ -66,8 +66,7 @@ SHAKESPEARE_TRAINING = {"model.bias": True, "train.lr": 0.2,
 SHAKESPEARE6 = {**SESSION5, **SHAKESPEARE_TRAINING, "model.content_heads": 1, "model.softmax_scale": 0.8,
                 "model.content_bias": "alibi", "model.attn_out_scale": 1.0}  # fmt: skip
 SHAKESPEARE = {**SHAKESPEARE_TRAINING, "model.softmax_scale": 0.4, "model.final_scale": 9.0,
-               "model.attn_out_scale": 1.0, "train.anneal_from": {}, "train.anneal_start": 0,
-               "train.anneal_end": 0}  # fmt: skip
+               "model.attn_out_scale": 1.0, **NO_ANNEAL}  # fmt: skip
 
 POINTS: dict[str, tuple[str, dict]] = {
     "baseline": ("recall-baseline", {}),
@@ -110,7 +109,7 @@ POINTS: dict[str, tuple[str, dict]] = {
     "limit1": ("recall-cpu", {"model.content_bias_limit": 1.0}),
     "limit4": ("recall-cpu", {"model.content_bias_limit": 4.0}),
     "limit2-anneal-s2-f1.5": ("recall-cpu", annealed(2.0, 1.5)),
-    "limit2-no-anneal": ("recall-cpu", {"train.anneal_from": {}, "train.anneal_start": 0, "train.anneal_end": 0}),
+    "limit2-no-anneal": ("recall-cpu", NO_ANNEAL),
     "limit2-shakespeare-training-s2": ("recall-cpu", annealed(2.0, 1.5, **SHAKESPEARE_TRAINING)),
     "limit2-shakespeare-training-s3": ("recall-cpu", annealed(3.0, 1.5, **SHAKESPEARE_TRAINING)),
     # Moving the budget from attn_out_scale to final_scale, as shakespeare-cpu's bound <= 10 needs: recall collapses.
